@@ -1,0 +1,5 @@
+//! Static diagnostics, one file per subject. Each returns `Finding`s (values, not log lines).
+
+pub mod data_format;
+pub mod hardware;
+pub mod train;

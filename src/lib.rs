@@ -1,0 +1,13 @@
+//! glm4-verify: did this GLM-4 LoRA adapter move the model toward its training targets?
+//!
+//! Stages (each a module, data in and data out): `model` and `adapter` load, `tokenizer` replays
+//! the training recipe, `score` measures behaviour, `checks` diagnose causes, `verdict` concludes,
+//! `report` renders.
+
+pub mod adapter;
+pub mod data;
+pub mod checks;
+pub mod finding;
+pub mod model;
+pub mod score;
+pub mod tokenizer;

@@ -1,0 +1,373 @@
+//! The GLM-4 decoder in candle, one internal form for the three checkpoint layouts.
+//!
+//! Per layer: RMSNorm → attention (fused q/k/v with bias, grouped-query, RoPE on the first
+//! `rotary_dim` dims of each head in interleaved pairs) → [GLM-4-0414: post-attention norm] →
+//! residual; RMSNorm → SwiGLU MLP from a fused gate/up projection → [0414: post-MLP norm] → residual.
+//! Batches are left-padded: row b has `pad[b]` pad tokens first, positions count from its first real token.
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, IndexOp, Tensor, D};
+use candle_nn::kv_cache::KvCache;
+
+use super::config::{Layout, ModelConfig};
+use super::lora::{Linear, LoraDelta, LoraStack, RowSelection};
+use super::weights::Weights;
+
+/// The LoRA-able linears of a layer, in the model's own terms.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Target {
+    Qkv,
+    O,
+    GateUp,
+    Down,
+}
+
+struct Layer {
+    input_norm: Tensor,
+    post_attn_norm: Tensor,
+    /// Glm4 (0414) only.
+    post_self_attn_norm: Option<Tensor>,
+    post_mlp_norm: Option<Tensor>,
+    qkv: Linear,
+    o: Linear,
+    gate_up: Linear,
+    down: Linear,
+}
+
+impl Layer {
+    fn linear_mut(&mut self, t: Target) -> &mut Linear {
+        match t {
+            Target::Qkv => &mut self.qkv,
+            Target::O => &mut self.o,
+            Target::GateUp => &mut self.gate_up,
+            Target::Down => &mut self.down,
+        }
+    }
+}
+
+pub struct Glm {
+    pub cfg: ModelConfig,
+    embed: Tensor,
+    layers: Vec<Layer>,
+    final_norm: Tensor,
+    lm_head: Tensor,
+    /// [rotary_dim / 2], f32
+    inv_freq: Tensor,
+    device: Device,
+    dtype: DType,
+    adapters: usize,
+}
+
+/// Per-layer KV cache for greedy decoding.
+pub struct Cache {
+    kv: Vec<KvCache>,
+    /// Tokens already in the cache (the same for every row: rows are left-padded).
+    pub len: usize,
+}
+
+impl Glm {
+    /// Loads a model directory's weights in `dtype` onto `device`.
+    pub fn load(cfg: ModelConfig, weights: &Weights, dtype: DType, device: &Device) -> Result<Self> {
+        let c = &cfg;
+        let h = c.hidden_size;
+        let ld = |name: &str, shape: &[usize]| weights.load_shaped(name, shape, dtype, device);
+        let (embed_name, norm_name, head_name) = match c.layout {
+            Layout::Chatglm => (
+                "transformer.embedding.word_embeddings.weight",
+                "transformer.encoder.final_layernorm.weight",
+                "transformer.output_layer.weight",
+            ),
+            _ => ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"),
+        };
+        let embed = ld(embed_name, &[c.vocab_size, h])?;
+        let lm_head = if c.tie_word_embeddings && !weights.contains(head_name) {
+            embed.clone()
+        } else {
+            ld(head_name, &[c.vocab_size, h])?
+        };
+        let qkv_out = c.q_out() + 2 * c.kv_out();
+        let mut layers = Vec::with_capacity(c.num_layers);
+        for i in 0..c.num_layers {
+            let layer = match c.layout {
+                Layout::Chatglm => {
+                    let p = format!("transformer.encoder.layers.{i}.");
+                    let bias_name = format!("{p}self_attention.query_key_value.bias");
+                    Layer {
+                        input_norm: ld(&format!("{p}input_layernorm.weight"), &[h])?,
+                        post_attn_norm: ld(&format!("{p}post_attention_layernorm.weight"), &[h])?,
+                        post_self_attn_norm: None,
+                        post_mlp_norm: None,
+                        qkv: Linear {
+                            weight: ld(&format!("{p}self_attention.query_key_value.weight"), &[qkv_out, h])?,
+                            bias: if c.qkv_bias { Some(ld(&bias_name, &[qkv_out])?) } else { None },
+                            lora: None,
+                        },
+                        o: plain(ld(&format!("{p}self_attention.dense.weight"), &[h, c.q_out()])?),
+                        gate_up: plain(ld(&format!("{p}mlp.dense_h_to_4h.weight"), &[2 * c.intermediate_size, h])?),
+                        down: plain(ld(&format!("{p}mlp.dense_4h_to_h.weight"), &[h, c.intermediate_size])?),
+                    }
+                }
+                Layout::Glm | Layout::Glm4 => {
+                    let p = format!("model.layers.{i}.");
+                    let proj = |x: &str, out: usize| ld(&format!("{p}self_attn.{x}_proj.weight"), &[out, h]);
+                    let weight = Tensor::cat(&[proj("q", c.q_out())?, proj("k", c.kv_out())?, proj("v", c.kv_out())?], 0)?;
+                    let bias = if c.qkv_bias {
+                        let b = |x: &str, out: usize| ld(&format!("{p}self_attn.{x}_proj.bias"), &[out]);
+                        Some(Tensor::cat(&[b("q", c.q_out())?, b("k", c.kv_out())?, b("v", c.kv_out())?], 0)?)
+                    } else {
+                        None
+                    };
+                    let glm4 = c.layout == Layout::Glm4;
+                    Layer {
+                        input_norm: ld(&format!("{p}input_layernorm.weight"), &[h])?,
+                        post_attn_norm: ld(&format!("{p}post_attention_layernorm.weight"), &[h])?,
+                        post_self_attn_norm: if glm4 { Some(ld(&format!("{p}post_self_attn_layernorm.weight"), &[h])?) } else { None },
+                        post_mlp_norm: if glm4 { Some(ld(&format!("{p}post_mlp_layernorm.weight"), &[h])?) } else { None },
+                        qkv: Linear { weight, bias, lora: None },
+                        o: plain(ld(&format!("{p}self_attn.o_proj.weight"), &[h, c.q_out()])?),
+                        gate_up: plain(ld(&format!("{p}mlp.gate_up_proj.weight"), &[2 * c.intermediate_size, h])?),
+                        down: plain(ld(&format!("{p}mlp.down_proj.weight"), &[h, c.intermediate_size])?),
+                    }
+                }
+            };
+            layers.push(layer);
+        }
+        let final_norm = ld(norm_name, &[h])?;
+        // RoPE frequencies in f32 whatever the model dtype: bf16 positions are wrong past 256.
+        let half = c.rotary_dim / 2;
+        let inv: Vec<f32> = (0..half)
+            .map(|i| 1.0 / (c.rope_theta as f32).powf((2 * i) as f32 / c.rotary_dim as f32))
+            .collect();
+        let inv_freq = Tensor::from_vec(inv, half, device)?;
+        Ok(Glm { cfg, embed, layers, final_norm, lm_head, inv_freq, device: device.clone(), dtype, adapters: 0 })
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+    /// Number of adapters attached for the unmerged side path.
+    pub fn adapters(&self) -> usize {
+        self.adapters
+    }
+
+    /// Output width of a target linear, for shape checks of adapters.
+    pub fn target_shape(&self, t: Target) -> (usize, usize) {
+        let c = &self.cfg;
+        match t {
+            Target::Qkv => (c.q_out() + 2 * c.kv_out(), c.hidden_size),
+            Target::O => (c.hidden_size, c.q_out()),
+            Target::GateUp => (2 * c.intermediate_size, c.hidden_size),
+            Target::Down => (c.hidden_size, c.intermediate_size),
+        }
+    }
+
+    /// Base weight of a target linear (for effect-size and merge checks).
+    pub fn target_weight(&self, layer: usize, t: Target) -> Option<&Tensor> {
+        let l = self.layers.get(layer)?;
+        Some(match t {
+            Target::Qkv => &l.qkv.weight,
+            Target::O => &l.o.weight,
+            Target::GateUp => &l.gate_up.weight,
+            Target::Down => &l.down.weight,
+        })
+    }
+
+    /// Merges deltas into the weights. `deltas[(layer, target)]`.
+    pub fn merge(&mut self, deltas: &[(usize, Target, LoraDelta)]) -> Result<()> {
+        for (layer, t, d) in deltas {
+            let l = self.layers.get_mut(*layer).with_context(|| format!("no layer {layer}"))?;
+            l.linear_mut(*t).merge(std::slice::from_ref(d))?;
+        }
+        Ok(())
+    }
+
+    /// Attaches adapters for the unmerged side path; adapter k of `adapters` becomes index k
+    /// in `RowSelection`. Replaces any adapters attached before.
+    pub fn attach(&mut self, adapters: &[Vec<(usize, Target, LoraDelta)>]) -> Result<()> {
+        let dtype = self.dtype;
+        for (li, layer) in self.layers.iter_mut().enumerate() {
+            for t in [Target::Qkv, Target::O, Target::GateUp, Target::Down] {
+                let lin = layer.linear_mut(t);
+                let per: Vec<Vec<LoraDelta>> = adapters
+                    .iter()
+                    .map(|ds| ds.iter().filter(|(l, tt, _)| *l == li && *tt == t).map(|(_, _, d)| d.clone()).collect())
+                    .collect();
+                lin.lora = LoraStack::build(lin.out_features(), &per, dtype)?;
+            }
+        }
+        self.adapters = adapters.len();
+        Ok(())
+    }
+
+    pub fn new_cache(&self, max_len: usize) -> Cache {
+        Cache { kv: (0..self.layers.len()).map(|_| KvCache::new(2, max_len)).collect(), len: 0 }
+    }
+
+    /// Hidden states after the final norm is NOT applied: [B, T, H] for tokens `ids` [B, T].
+    /// `pad[b]` = left padding of row b counted over the whole sequence (cache + ids).
+    pub fn forward(&self, ids: &Tensor, pad: &[usize], sel: &RowSelection, mut cache: Option<&mut Cache>) -> Result<Tensor> {
+        let (b, t) = ids.dims2()?;
+        if pad.len() != b || sel.rows().len() != b {
+            bail!("batch of {b} rows with {} paddings and {} row selections", pad.len(), sel.rows().len());
+        }
+        let offset = cache.as_ref().map(|c| c.len).unwrap_or(0);
+        let s = offset + t;
+        let (cos, sin) = self.rope(pad, offset, t)?;
+        let mask = self.mask(pad, offset, t)?;
+        let mut x = self.embed.embedding(&ids.flatten_all()?)?.reshape((b, t, self.cfg.hidden_size))?;
+        for (i, layer) in self.layers.iter().enumerate() {
+            let kv = cache.as_deref_mut().map(|c| &mut c.kv[i]);
+            x = self.layer(layer, &x, &cos, &sin, &mask, sel, kv)?;
+        }
+        if let Some(c) = cache {
+            c.len = s;
+        }
+        Ok(x)
+    }
+
+    /// Log-softmax over the vocabulary at chosen positions: hidden [B, T, H], `at` = flat indices
+    /// b*T + t → [N, V] f32. The output projection runs only on those rows.
+    pub fn log_probs_at(&self, hidden: &Tensor, at: &[u32]) -> Result<Tensor> {
+        let logits = self.logits_at(hidden, at)?;
+        Ok(candle_nn::ops::log_softmax(&logits, D::Minus1)?)
+    }
+
+    /// Logits (f32) at chosen flat positions of hidden [B, T, H] → [N, V].
+    pub fn logits_at(&self, hidden: &Tensor, at: &[u32]) -> Result<Tensor> {
+        let h = hidden.dim(D::Minus1)?;
+        let flat = hidden.reshape(((), h))?;
+        let idx = Tensor::from_slice(at, at.len(), &self.device)?;
+        let rows = flat.index_select(&idx, 0)?;
+        let rows = candle_nn::ops::rms_norm(&rows, &self.final_norm, self.cfg.rms_eps as f32)?;
+        Ok(rows.matmul(&self.lm_head.t()?)?.to_dtype(DType::F32)?)
+    }
+
+    fn layer(
+        &self,
+        l: &Layer,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        mask: &Tensor,
+        sel: &RowSelection,
+        kv: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
+        let eps = self.cfg.rms_eps as f32;
+        let h = candle_nn::ops::rms_norm(x, &l.input_norm, eps)?;
+        let mut a = self.attention(l, &h, cos, sin, mask, sel, kv)?;
+        if let Some(n) = &l.post_self_attn_norm {
+            a = candle_nn::ops::rms_norm(&a, n, eps)?;
+        }
+        let x = (x + a)?;
+        let h = candle_nn::ops::rms_norm(&x, &l.post_attn_norm, eps)?;
+        let gu = l.gate_up.forward(&h, sel)?;
+        let m = self.cfg.intermediate_size;
+        let act = (candle_nn::ops::silu(&gu.narrow(D::Minus1, 0, m)?)? * gu.narrow(D::Minus1, m, m)?)?;
+        let mut d = l.down.forward(&act, sel)?;
+        if let Some(n) = &l.post_mlp_norm {
+            d = candle_nn::ops::rms_norm(&d, n, eps)?;
+        }
+        Ok((x + d)?)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn attention(
+        &self,
+        l: &Layer,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        mask: &Tensor,
+        sel: &RowSelection,
+        kv: Option<&mut KvCache>,
+    ) -> Result<Tensor> {
+        let c = &self.cfg;
+        let (b, t, _) = x.dims3()?;
+        let (nh, kvh, d) = (c.num_heads, c.num_kv_heads, c.head_dim);
+        let qkv = l.qkv.forward(x, sel)?; // [B, T, (nh + 2·kvh)·D]
+        let heads = |start: usize, n: usize| -> Result<Tensor> {
+            Ok(qkv.narrow(D::Minus1, start * d, n * d)?.reshape((b, t, n, d))?.transpose(1, 2)?.contiguous()?)
+        };
+        let q = self.apply_rope(&heads(0, nh)?, cos, sin)?; // [B, nh, T, D]
+        let k = self.apply_rope(&heads(nh, kvh)?, cos, sin)?; // [B, kvh, T, D]
+        let v = heads(nh + kvh, kvh)?;
+        let (k, v) = match kv {
+            Some(cache) => cache.append(&k, &v)?,
+            None => (k, v),
+        };
+        let s = k.dim(2)?;
+        // Grouped-query attention without copying K/V: heads j·g..(j+1)·g share kv head j.
+        let g = nh / kvh;
+        let q = q.reshape((b, kvh, g * t, d))?;
+        let scores = q.matmul(&k.t()?)?.reshape((b, nh, t, s))?;
+        let scores = (scores.to_dtype(DType::F32)? * (1.0 / (d as f64).sqrt()))?.broadcast_add(mask)?;
+        let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(self.dtype)?;
+        let out = probs.reshape((b, kvh, g * t, s))?.matmul(&v.contiguous()?)?; // [B, kvh, g·T, D]
+        let out = out.reshape((b, nh, t, d))?.transpose(1, 2)?.reshape((b, t, nh * d))?;
+        l.o.forward(&out, sel)
+    }
+
+    /// RoPE on the first rotary_dim dims of each head, interleaved pairs (GPT-J style).
+    fn apply_rope(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+        let rd = self.cfg.rotary_dim;
+        let d = self.cfg.head_dim;
+        if rd == d {
+            return Ok(candle_nn::rotary_emb::rope_i(x, cos, sin)?);
+        }
+        let rot = candle_nn::rotary_emb::rope_i(&x.narrow(D::Minus1, 0, rd)?.contiguous()?, cos, sin)?;
+        Ok(Tensor::cat(&[rot, x.narrow(D::Minus1, rd, d - rd)?], D::Minus1)?)
+    }
+
+    /// cos/sin [B, T, rotary_dim/2] for positions counted from each row's first real token.
+    fn rope(&self, pad: &[usize], offset: usize, t: usize) -> Result<(Tensor, Tensor)> {
+        let b = pad.len();
+        let mut pos = Vec::with_capacity(b * t);
+        for &p in pad {
+            for j in 0..t {
+                pos.push((offset + j).saturating_sub(p) as f32);
+            }
+        }
+        let pos = Tensor::from_vec(pos, (b, t, 1), &self.device)?;
+        let freqs = pos.broadcast_mul(&self.inv_freq.reshape((1, 1, ()))?)?;
+        Ok((freqs.cos()?.to_dtype(self.dtype)?, freqs.sin()?.to_dtype(self.dtype)?))
+    }
+
+    /// Additive mask [B, 1, T, S] (f32): a query sees keys at or before it and not in padding.
+    fn mask(&self, pad: &[usize], offset: usize, t: usize) -> Result<Tensor> {
+        let b = pad.len();
+        let s = offset + t;
+        let neg = -1e30f32;
+        let causal: Vec<f32> = (0..t)
+            .flat_map(|i| (0..s).map(move |j| if j <= offset + i { 0.0 } else { neg }))
+            .collect();
+        let causal = Tensor::from_vec(causal, (1, 1, t, s), &self.device)?;
+        let padm: Vec<f32> = pad.iter().flat_map(|&p| (0..s).map(move |j| if j < p { neg } else { 0.0 })).collect();
+        let padm = Tensor::from_vec(padm, (b, 1, 1, s), &self.device)?;
+        Ok(causal.broadcast_add(&padm)?)
+    }
+
+    /// Embedding row count (vocabulary size).
+    pub fn vocab_size(&self) -> usize {
+        self.cfg.vocab_size
+    }
+
+    /// The last position's logits of every row of hidden [B, T, H] → [B, V] f32.
+    pub fn last_logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        let (b, t, _) = hidden.dims3()?;
+        let at: Vec<u32> = (0..b).map(|i| (i * t + t - 1) as u32).collect();
+        self.logits_at(hidden, &at)
+    }
+
+    #[doc(hidden)]
+    pub fn embed_row(&self, id: u32) -> Result<Tensor> {
+        Ok(self.embed.i(id as usize)?)
+    }
+}
+
+fn plain(weight: Tensor) -> Linear {
+    Linear { weight, bias: None, lora: None }
+}

@@ -1,0 +1,38 @@
+//! The GLM-4 model: config (three layouts), weights (mmap safetensors), forward, LoRA application.
+
+pub mod config;
+pub mod glm;
+pub mod lora;
+pub mod weights;
+
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use candle_core::{DType, Device};
+
+pub use config::{Layout, ModelConfig};
+pub use glm::{Glm, Target};
+
+/// Loads a model directory (config.json + safetensors) in `dtype` on `device`.
+pub fn load_dir(dir: &Path, dtype: DType, device: &Device) -> Result<Glm> {
+    let mut cfg = ModelConfig::from_dir(dir)?;
+    add_generation_eos(dir, &mut cfg);
+    let weights = weights::Weights::open_dir(dir)?;
+    Glm::load(cfg, &weights, dtype, device).with_context(|| format!("cannot load the model in {}", dir.display()))
+}
+
+/// generation_config.json may list more end tokens than config.json (glm-4-9b-chat does).
+fn add_generation_eos(dir: &Path, cfg: &mut ModelConfig) {
+    let Ok(text) = std::fs::read_to_string(dir.join("generation_config.json")) else { return };
+    let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) else { return };
+    let ids: Vec<u32> = match v.get("eos_token_id") {
+        Some(serde_json::Value::Number(n)) => n.as_u64().map(|x| vec![x as u32]).unwrap_or_default(),
+        Some(serde_json::Value::Array(a)) => a.iter().filter_map(|x| x.as_u64()).map(|x| x as u32).collect(),
+        _ => vec![],
+    };
+    for id in ids {
+        if !cfg.eos_ids.contains(&id) {
+            cfg.eos_ids.push(id);
+        }
+    }
+}

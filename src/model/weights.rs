@@ -1,0 +1,206 @@
+//! Memory-mapped safetensors: one file or shards listed by `model.safetensors.index.json`.
+//! Every error names the file and the tensor.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use anyhow::{anyhow, bail, Context, Result};
+use candle_core::{DType, Device, Tensor};
+use memmap2::Mmap;
+use safetensors::{Dtype as StDtype, SafeTensors};
+
+struct Entry {
+    file: usize,
+    dtype: DType,
+    shape: Vec<usize>,
+    /// Byte range inside the file's mmap.
+    start: usize,
+    end: usize,
+}
+
+/// Read-only view of all tensors of a model or adapter.
+pub struct Weights {
+    files: Vec<PathBuf>,
+    maps: Vec<Mmap>,
+    entries: HashMap<String, Entry>,
+}
+
+impl Weights {
+    /// Opens a model directory: `model.safetensors`, or the shards named by `model.safetensors.index.json`.
+    pub fn open_dir(dir: &Path) -> Result<Self> {
+        let index = dir.join("model.safetensors.index.json");
+        if index.is_file() {
+            let text = std::fs::read_to_string(&index)
+                .with_context(|| format!("cannot read {}", index.display()))?;
+            let v: serde_json::Value = serde_json::from_str(&text)
+                .with_context(|| format!("{} is not valid JSON", index.display()))?;
+            let map = v
+                .get("weight_map")
+                .and_then(|m| m.as_object())
+                .ok_or_else(|| anyhow!("{} has no \"weight_map\" object", index.display()))?;
+            let mut shards: Vec<String> = map
+                .values()
+                .filter_map(|f| f.as_str().map(String::from))
+                .collect();
+            shards.sort();
+            shards.dedup();
+            let mut files = Vec::new();
+            for s in shards {
+                let p = dir.join(&s);
+                if !p.is_file() {
+                    bail!(
+                        "{} names shard {s}, which is missing from {}; the download or save is incomplete",
+                        index.display(),
+                        dir.display()
+                    );
+                }
+                files.push(p);
+            }
+            let w = Self::open(&files)?;
+            for (name, f) in map {
+                if !w.entries.contains_key(name) {
+                    bail!(
+                        "{} maps tensor {name} to {}, but that file does not contain it",
+                        index.display(),
+                        f.as_str().unwrap_or("?")
+                    );
+                }
+            }
+            return Ok(w);
+        }
+        let single = dir.join("model.safetensors");
+        if single.is_file() {
+            return Self::open(&[single]);
+        }
+        // Some exporters write other names; take every *.safetensors in the directory.
+        let mut found: Vec<PathBuf> = std::fs::read_dir(dir)
+            .with_context(|| format!("cannot list model directory {}", dir.display()))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+            .collect();
+        found.sort();
+        if found.is_empty() {
+            bail!(
+                "no model weights in {}: expected model.safetensors or model.safetensors.index.json \
+                 (PyTorch .bin checkpoints: re-save with safe_serialization=True)",
+                dir.display()
+            );
+        }
+        Self::open(&found)
+    }
+
+    /// Opens explicit safetensors files (memory-mapped, read-only).
+    pub fn open(files: &[PathBuf]) -> Result<Self> {
+        let mut maps = Vec::with_capacity(files.len());
+        let mut entries = HashMap::new();
+        for (i, path) in files.iter().enumerate() {
+            let f = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+            // SAFETY: the file is opened read-only and the map is only read; a concurrent writer
+            // could change the bytes under us, which is a property of any mmap-based loader.
+            let map = unsafe { Mmap::map(&f) }.with_context(|| format!("cannot map {}", path.display()))?;
+            let (header_len, meta) = SafeTensors::read_metadata(&map).map_err(|e| {
+                anyhow!(
+                    "{} is not a valid safetensors file ({e}); the file is truncated or corrupt: re-save or re-download it",
+                    path.display()
+                )
+            })?;
+            let base = 8 + header_len;
+            for (name, info) in meta.tensors() {
+                let dtype = match info.dtype {
+                    StDtype::BF16 => DType::BF16,
+                    StDtype::F16 => DType::F16,
+                    StDtype::F32 => DType::F32,
+                    StDtype::F64 => DType::F64,
+                    StDtype::I64 => DType::I64,
+                    StDtype::U8 => DType::U8,
+                    StDtype::U32 => DType::U32,
+                    StDtype::BOOL => DType::U8,
+                    other => bail!(
+                        "{}: tensor {name} has dtype {other:?}, which glm4-verify does not read (bf16, f16, f32)",
+                        path.display()
+                    ),
+                };
+                let (s, e) = info.data_offsets;
+                let (start, end) = (base + s, base + e);
+                if end > map.len() || start > end {
+                    bail!("{}: tensor {name} lies past the end of the file (truncated?)", path.display());
+                }
+                if entries.contains_key(&name) {
+                    bail!("tensor {name} appears in more than one file ({})", path.display());
+                }
+                entries.insert(name, Entry { file: i, dtype, shape: info.shape.clone(), start, end });
+            }
+            maps.push(map);
+        }
+        Ok(Weights { files: files.to_vec(), maps, entries })
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.entries.contains_key(name)
+    }
+
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.entries.keys().map(|s| s.as_str())
+    }
+
+    pub fn shape(&self, name: &str) -> Option<&[usize]> {
+        self.entries.get(name).map(|e| e.shape.as_slice())
+    }
+
+    pub fn dtype(&self, name: &str) -> Option<DType> {
+        self.entries.get(name).map(|e| e.dtype)
+    }
+
+    /// Total bytes of tensor data (for load-speed reporting).
+    pub fn total_bytes(&self) -> usize {
+        self.entries.values().map(|e| e.end - e.start).sum()
+    }
+
+    pub fn files(&self) -> &[PathBuf] {
+        &self.files
+    }
+
+    /// Loads a tensor onto `device` converted to `dtype`.
+    pub fn load(&self, name: &str, dtype: DType, device: &Device) -> Result<Tensor> {
+        let e = self.entries.get(name).ok_or_else(|| {
+            anyhow!(
+                "tensor {name} is missing from {}; the checkpoint is incomplete or of another layout",
+                self.describe_files()
+            )
+        })?;
+        let bytes = &self.maps[e.file][e.start..e.end];
+        let t = Tensor::from_raw_buffer(bytes, e.dtype, &e.shape, device).map_err(|err| {
+            anyhow!(
+                "{}: tensor {name} ({:?} {:?}) does not fit its {} bytes: {err}",
+                self.files[e.file].display(),
+                e.dtype,
+                e.shape,
+                bytes.len()
+            )
+        })?;
+        Ok(t.to_dtype(dtype)?)
+    }
+
+    /// Loads a tensor and checks its shape.
+    pub fn load_shaped(&self, name: &str, shape: &[usize], dtype: DType, device: &Device) -> Result<Tensor> {
+        match self.shape(name) {
+            Some(s) if s != shape => bail!(
+                "tensor {name} in {} has shape {s:?}, expected {shape:?} from config.json; config and weights disagree",
+                self.describe_files()
+            ),
+            _ => self.load(name, dtype, device),
+        }
+    }
+
+    fn describe_files(&self) -> String {
+        match self.files.as_slice() {
+            [one] => one.display().to_string(),
+            many => format!(
+                "{} ({} shards)",
+                many.first().and_then(|p| p.parent()).map(|p| p.display().to_string()).unwrap_or_default(),
+                many.len()
+            ),
+        }
+    }
+}

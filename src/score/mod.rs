@@ -1,0 +1,3 @@
+//! Behaviour: teacher-forced target log-probs and greedy generations, base vs tuned.
+
+pub mod engine;

@@ -1,0 +1,167 @@
+//! Tokenizers (tokenizer.json or tiktoken tokenizer.model), the model's chat template, and
+//! finetune_demo's label construction (`recipe`).
+
+pub mod recipe;
+pub mod tiktoken;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{anyhow, bail, Context, Result};
+use serde_json::Value;
+
+use crate::data::Message;
+
+/// GLM-4's chat template (the form glm-4-9b-chat-hf ships, without tools), used when a model
+/// directory carries none.
+pub const GLM4_TEMPLATE: &str = "[gMASK]<sop>{% for item in messages %}{% if item['tools'] is defined %}<|system|>\n你是一个名为 GLM-4 的人工智能助手。你是基于智谱AI训练的语言模型 GLM-4 模型开发的，你的任务是针对用户的问题和要求提供适当的答复和支持。\n\n# 可用工具{% for tool in item['tools'] %}{% if tool['type'] == 'function' %}\n\n## {{ tool['function']['name'] }}\n\n{{ tool['function'] | tojson(indent=4) }}\n在调用上述函数时，请使用 Json 格式表示调用的参数。{% endif %}{% endfor %}{% endif %}{% if item['content'] %}<|{{ item['role'] }}|>{{ item['metadata'] }}\n{{ item['content'] }}{% endif %}{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}";
+
+/// The GLM-4 special tokens, looked up by name (ids differ between real GLM-4 and test models).
+pub const SPECIALS: [&str; 14] = [
+    "<|endoftext|>",
+    "[MASK]",
+    "[gMASK]",
+    "[sMASK]",
+    "<sop>",
+    "<eop>",
+    "<|system|>",
+    "<|user|>",
+    "<|assistant|>",
+    "<|observation|>",
+    "<|begin_of_image|>",
+    "<|end_of_image|>",
+    "<|begin_of_video|>",
+    "<|end_of_video|>",
+];
+
+pub struct GlmTokenizer {
+    pub inner: tokenizers::Tokenizer,
+    pub source: PathBuf,
+    template: String,
+    pub template_source: String,
+    specials: HashMap<String, u32>,
+}
+
+impl GlmTokenizer {
+    /// Loads the tokenizer and chat template of a model (or tokenizer) directory.
+    pub fn from_dir(dir: &Path) -> Result<Self> {
+        let tj = dir.join("tokenizer.json");
+        let tm = dir.join("tokenizer.model");
+        let tc = dir.join("tokenizer_config.json");
+        let (inner, source) = if tj.is_file() {
+            let t = tokenizers::Tokenizer::from_file(&tj)
+                .map_err(|e| anyhow!("{} does not parse as a tokenizers file: {e}", tj.display()))?;
+            (t, tj)
+        } else if tm.is_file() {
+            (tiktoken::load_tiktoken(&tm, tc.is_file().then_some(tc.as_path()))?, tm)
+        } else {
+            bail!(
+                "no tokenizer in {}: expected tokenizer.json (GLM-4 -hf / 0414) or tokenizer.model (glm-4-9b-chat)",
+                dir.display()
+            );
+        };
+        let (template, template_source) = find_template(dir)?;
+        let mut specials = HashMap::new();
+        for name in SPECIALS {
+            if let Some(id) = inner.token_to_id(name) {
+                specials.insert(name.to_string(), id);
+            }
+        }
+        for needed in ["[gMASK]", "<sop>", "<|user|>", "<|assistant|>"] {
+            if !specials.contains_key(needed) {
+                bail!("{}: the tokenizer has no {needed} token; is this a GLM-4 tokenizer?", source.display());
+            }
+        }
+        Ok(GlmTokenizer { inner, source, template, template_source, specials })
+    }
+
+    pub fn special(&self, name: &str) -> Result<u32> {
+        self.specials.get(name).copied().ok_or_else(|| anyhow!("the tokenizer has no {name} token"))
+    }
+
+    /// Tokenises text without adding special tokens (as `apply_chat_template(tokenize=True)`:
+    /// the template already writes `[gMASK]<sop>`, so a post-processor must not add it twice).
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        let enc = self.inner.encode(text, false).map_err(|e| anyhow!("tokenizer failed: {e}"))?;
+        Ok(enc.get_ids().to_vec())
+    }
+
+    pub fn decode(&self, ids: &[u32], skip_special: bool) -> Result<String> {
+        self.inner.decode(ids, skip_special).map_err(|e| anyhow!("cannot decode: {e}"))
+    }
+
+    /// Renders messages with the chat template.
+    pub fn render(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String> {
+        let mut env = minijinja::Environment::new();
+        env.add_filter("tojson", tojson);
+        env.add_template("chat", &self.template)
+            .map_err(|e| anyhow!("chat template from {} does not compile: {e}", self.template_source))?;
+        let msgs: Vec<Value> = messages
+            .iter()
+            .map(|m| {
+                let mut v = serde_json::json!({"role": m.role, "content": m.content, "metadata": ""});
+                if let Some(t) = &m.tools {
+                    v["tools"] = t.clone();
+                }
+                v
+            })
+            .collect();
+        let tmpl = env.get_template("chat").map_err(|e| anyhow!("{e}"))?;
+        tmpl.render(minijinja::context! { messages => msgs, add_generation_prompt => add_generation_prompt })
+            .map_err(|e| anyhow!("chat template from {} failed to render: {e}", self.template_source))
+    }
+
+    /// Template + tokenise.
+    pub fn apply_chat_template(&self, messages: &[Message], add_generation_prompt: bool) -> Result<Vec<u32>> {
+        self.encode(&self.render(messages, add_generation_prompt)?)
+    }
+}
+
+fn tojson(v: minijinja::Value, kwargs: minijinja::value::Kwargs) -> std::result::Result<String, minijinja::Error> {
+    let indent: Option<usize> = kwargs.get("indent")?;
+    kwargs.assert_all_used()?;
+    let j = serde_json::to_value(&v).map_err(|e| minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, e.to_string()))?;
+    let s = match indent {
+        Some(n) => {
+            let buf = Vec::new();
+            let ind = " ".repeat(n);
+            let fmt = serde_json::ser::PrettyFormatter::with_indent(ind.as_bytes());
+            let mut ser = serde_json::Serializer::with_formatter(buf, fmt);
+            serde::Serialize::serialize(&j, &mut ser)
+                .map_err(|e| minijinja::Error::new(minijinja::ErrorKind::InvalidOperation, e.to_string()))?;
+            String::from_utf8(ser.into_inner()).unwrap_or_default()
+        }
+        None => j.to_string(),
+    };
+    Ok(s)
+}
+
+/// chat_template.jinja, else tokenizer_config.json's chat_template, else GLM-4's.
+fn find_template(dir: &Path) -> Result<(String, String)> {
+    let jinja = dir.join("chat_template.jinja");
+    if jinja.is_file() {
+        let t = std::fs::read_to_string(&jinja).with_context(|| format!("cannot read {}", jinja.display()))?;
+        return Ok((t, jinja.display().to_string()));
+    }
+    let tc = dir.join("tokenizer_config.json");
+    if tc.is_file() {
+        let text = std::fs::read_to_string(&tc).with_context(|| format!("cannot read {}", tc.display()))?;
+        let v: Value = serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", tc.display()))?;
+        match v.get("chat_template") {
+            Some(Value::String(s)) => return Ok((s.clone(), tc.display().to_string())),
+            Some(Value::Array(a)) => {
+                // [{name: "default", template: ...}, ...]
+                if let Some(t) = a
+                    .iter()
+                    .find(|x| x.get("name").and_then(|n| n.as_str()) == Some("default"))
+                    .and_then(|x| x.get("template"))
+                    .and_then(|t| t.as_str())
+                {
+                    return Ok((t.to_string(), tc.display().to_string()));
+                }
+            }
+            _ => {}
+        }
+    }
+    Ok((GLM4_TEMPLATE.to_string(), "the built-in GLM-4 template".to_string()))
+}
