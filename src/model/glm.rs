@@ -296,7 +296,7 @@ impl Glm {
         let k = self.apply_rope(&heads(nh, kvh)?, cos, sin)?; // [B, kvh, T, D]
         let v = heads(nh + kvh, kvh)?;
         let (k, v) = match kv {
-            Some(cache) => cache.append(&k, &v)?,
+            Some(cache) => cache.append(&k.contiguous()?, &v.contiguous()?)?,
             None => (k, v),
         };
         let s = k.dim(2)?;
