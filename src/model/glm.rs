@@ -6,12 +6,12 @@
 //! Batches are left-padded: row b has `pad[b]` pad tokens first, positions count from its first real token.
 
 use anyhow::{bail, Context, Result};
-use candle_core::{DType, Device, IndexOp, Tensor, D};
+use candle_core::{DType, Device, Tensor, D};
 use candle_nn::kv_cache::KvCache;
 
 use super::config::{Layout, ModelConfig};
 use super::lora::{Linear, LoraDelta, LoraStack, RowSelection};
-use super::weights::Weights;
+use super::weights::TensorSource;
 
 /// The LoRA-able linears of a layer, in the model's own terms.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
@@ -57,6 +57,9 @@ pub struct Glm {
     device: Device,
     dtype: DType,
     adapters: usize,
+    /// Use plain tensor ops instead of candle's fused kernels (which have no backward pass), so
+    /// gradients flow: the demo trains LoRA adapters through this forward.
+    pub differentiable: bool,
 }
 
 /// Per-layer KV cache for greedy decoding.
@@ -68,7 +71,7 @@ pub struct Cache {
 
 impl Glm {
     /// Loads a model directory's weights in `dtype` onto `device`.
-    pub fn load(cfg: ModelConfig, weights: &Weights, dtype: DType, device: &Device) -> Result<Self> {
+    pub fn load(cfg: ModelConfig, weights: &dyn TensorSource, dtype: DType, device: &Device) -> Result<Self> {
         let c = &cfg;
         let h = c.hidden_size;
         let ld = |name: &str, shape: &[usize]| weights.load_shaped(name, shape, dtype, device);
@@ -140,7 +143,18 @@ impl Glm {
             .map(|i| 1.0 / (c.rope_theta as f32).powf((2 * i) as f32 / c.rotary_dim as f32))
             .collect();
         let inv_freq = Tensor::from_vec(inv, half, device)?;
-        Ok(Glm { cfg, embed, layers, final_norm, lm_head, inv_freq, device: device.clone(), dtype, adapters: 0 })
+        Ok(Glm {
+            cfg,
+            embed,
+            layers,
+            final_norm,
+            lm_head,
+            inv_freq,
+            device: device.clone(),
+            dtype,
+            adapters: 0,
+            differentiable: false,
+        })
     }
 
     pub fn device(&self) -> &Device {
@@ -207,7 +221,7 @@ impl Glm {
         Cache { kv: (0..self.layers.len()).map(|_| KvCache::new(2, max_len)).collect(), len: 0 }
     }
 
-    /// Hidden states after the final norm is NOT applied: [B, T, H] for tokens `ids` [B, T].
+    /// Hidden states of the last layer (before the final norm): [B, T, H] for tokens `ids` [B, T].
     /// `pad[b]` = left padding of row b counted over the whole sequence (cache + ids).
     pub fn forward(&self, ids: &Tensor, pad: &[usize], sel: &RowSelection, mut cache: Option<&mut Cache>) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;
@@ -242,7 +256,7 @@ impl Glm {
         let flat = hidden.reshape(((), h))?;
         let idx = Tensor::from_slice(at, at.len(), &self.device)?;
         let rows = flat.index_select(&idx, 0)?;
-        let rows = candle_nn::ops::rms_norm(&rows, &self.final_norm, self.cfg.rms_eps as f32)?;
+        let rows = self.rms_norm(&rows, &self.final_norm, self.cfg.rms_eps as f32)?;
         Ok(rows.matmul(&self.lm_head.t()?)?.to_dtype(DType::F32)?)
     }
 
@@ -257,19 +271,19 @@ impl Glm {
         kv: Option<&mut KvCache>,
     ) -> Result<Tensor> {
         let eps = self.cfg.rms_eps as f32;
-        let h = candle_nn::ops::rms_norm(x, &l.input_norm, eps)?;
+        let h = self.rms_norm(x, &l.input_norm, eps)?;
         let mut a = self.attention(l, &h, cos, sin, mask, sel, kv)?;
         if let Some(n) = &l.post_self_attn_norm {
-            a = candle_nn::ops::rms_norm(&a, n, eps)?;
+            a = self.rms_norm(&a, n, eps)?;
         }
         let x = (x + a)?;
-        let h = candle_nn::ops::rms_norm(&x, &l.post_attn_norm, eps)?;
+        let h = self.rms_norm(&x, &l.post_attn_norm, eps)?;
         let gu = l.gate_up.forward(&h, sel)?;
         let m = self.cfg.intermediate_size;
         let act = (candle_nn::ops::silu(&gu.narrow(D::Minus1, 0, m)?)? * gu.narrow(D::Minus1, m, m)?)?;
         let mut d = l.down.forward(&act, sel)?;
         if let Some(n) = &l.post_mlp_norm {
-            d = candle_nn::ops::rms_norm(&d, n, eps)?;
+            d = self.rms_norm(&d, n, eps)?;
         }
         Ok((x + d)?)
     }
@@ -305,7 +319,7 @@ impl Glm {
         let q = q.reshape((b, kvh, g * t, d))?;
         let scores = q.matmul(&k.t()?)?.reshape((b, nh, t, s))?;
         let scores = (scores.to_dtype(DType::F32)? * (1.0 / (d as f64).sqrt()))?.broadcast_add(mask)?;
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(self.dtype)?;
+        let probs = self.softmax(&scores)?.to_dtype(self.dtype)?;
         let out = probs.reshape((b, kvh, g * t, s))?.matmul(&v.contiguous()?)?; // [B, kvh, g·T, D]
         let out = out.reshape((b, nh, t, d))?.transpose(1, 2)?.reshape((b, t, nh * d))?;
         l.o.forward(&out, sel)
@@ -316,9 +330,9 @@ impl Glm {
         let rd = self.cfg.rotary_dim;
         let d = self.cfg.head_dim;
         if rd == d {
-            return Ok(candle_nn::rotary_emb::rope_i(x, cos, sin)?);
+            return self.rope_i(x, cos, sin);
         }
-        let rot = candle_nn::rotary_emb::rope_i(&x.narrow(D::Minus1, 0, rd)?.contiguous()?, cos, sin)?;
+        let rot = self.rope_i(&x.narrow(D::Minus1, 0, rd)?.contiguous()?, cos, sin)?;
         Ok(Tensor::cat(&[rot, x.narrow(D::Minus1, rd, d - rd)?], D::Minus1)?)
     }
 
@@ -350,6 +364,33 @@ impl Glm {
         Ok(causal.broadcast_add(&padm)?)
     }
 
+    fn rms_norm(&self, x: &Tensor, w: &Tensor, eps: f32) -> Result<Tensor> {
+        Ok(if self.differentiable {
+            candle_nn::ops::rms_norm_slow(x, w, eps)?
+        } else {
+            candle_nn::ops::rms_norm(x, w, eps)?
+        })
+    }
+
+    fn softmax(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(if self.differentiable { candle_nn::ops::softmax(x, D::Minus1)? } else { candle_nn::ops::softmax_last_dim(x)? })
+    }
+
+    /// Interleaved RoPE. x: [B, H, T, d], cos/sin: [B, T, d/2].
+    fn rope_i(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+        if !self.differentiable {
+            return Ok(candle_nn::rotary_emb::rope_i(x, cos, sin)?);
+        }
+        let (b, h, t, d) = x.dims4()?;
+        let cos = cos.reshape((b, 1, t, d / 2, 1))?;
+        let sin = sin.reshape((b, 1, t, d / 2, 1))?;
+        let x = x.reshape((b, h, t, d / 2, 2))?;
+        let (x0, x1) = (x.narrow(D::Minus1, 0, 1)?, x.narrow(D::Minus1, 1, 1)?);
+        let y0 = (x0.broadcast_mul(&cos)? - x1.broadcast_mul(&sin)?)?;
+        let y1 = (x0.broadcast_mul(&sin)? + x1.broadcast_mul(&cos)?)?;
+        Ok(Tensor::cat(&[y0, y1], D::Minus1)?.reshape((b, h, t, d))?)
+    }
+
     /// Embedding row count (vocabulary size).
     pub fn vocab_size(&self) -> usize {
         self.cfg.vocab_size
@@ -360,11 +401,6 @@ impl Glm {
         let (b, t, _) = hidden.dims3()?;
         let at: Vec<u32> = (0..b).map(|i| (i * t + t - 1) as u32).collect();
         self.logits_at(hidden, &at)
-    }
-
-    #[doc(hidden)]
-    pub fn embed_row(&self, id: u32) -> Result<Tensor> {
-        Ok(self.embed.i(id as usize)?)
     }
 }
 

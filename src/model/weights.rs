@@ -10,6 +10,35 @@ use candle_core::{DType, Device, Tensor};
 use memmap2::Mmap;
 use safetensors::{Dtype as StDtype, SafeTensors};
 
+/// Where model tensors come from: safetensors files, or tensors built in memory (the demo).
+pub trait TensorSource {
+    fn contains(&self, name: &str) -> bool;
+    /// Loads a tensor, checks its shape, converts it to `dtype` on `device`.
+    fn load_shaped(&self, name: &str, shape: &[usize], dtype: DType, device: &Device) -> Result<Tensor>;
+}
+
+impl TensorSource for Weights {
+    fn contains(&self, name: &str) -> bool {
+        Weights::contains(self, name)
+    }
+    fn load_shaped(&self, name: &str, shape: &[usize], dtype: DType, device: &Device) -> Result<Tensor> {
+        Weights::load_shaped(self, name, shape, dtype, device)
+    }
+}
+
+impl TensorSource for HashMap<String, Tensor> {
+    fn contains(&self, name: &str) -> bool {
+        self.contains_key(name)
+    }
+    fn load_shaped(&self, name: &str, shape: &[usize], dtype: DType, device: &Device) -> Result<Tensor> {
+        let t = self.get(name).ok_or_else(|| anyhow!("tensor {name} is missing"))?;
+        if t.dims() != shape {
+            bail!("tensor {name} has shape {:?}, expected {shape:?}", t.dims());
+        }
+        Ok(t.to_dtype(dtype)?.to_device(device)?)
+    }
+}
+
 struct Entry {
     file: usize,
     dtype: DType,
