@@ -1,1 +1,180 @@
-fn main() {}
+//! The `glm4-verify` command line: flags in, exit code out. The work is in the library.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+use glm4_verify::pipeline::{self, Options};
+use glm4_verify::report::{self, Format};
+use glm4_verify::suite::Suite;
+
+/// Did this GLM-4 LoRA fine-tune learn anything? Scores the adapter against its base on the
+/// training data and says why when it did not.
+///
+/// Exit codes: 0 pass, 1 the adapter failed verification, 2 the run could not be done.
+#[derive(Parser)]
+#[command(name = "glm4-verify", version, args_conflicts_with_subcommands = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    verify: VerifyArgs,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Static checks only (no model run): adapter files against the base, data format, labels, training log.
+    Check(VerifyArgs),
+    /// Show which tokens of a few rows are trained, and the length table.
+    InspectData(InspectArgs),
+}
+
+#[derive(Args, Clone)]
+struct VerifyArgs {
+    /// PEFT adapter directory, training output directory (its highest checkpoint-N) or merged model directory. Repeatable.
+    #[arg(long = "adapter", value_name = "DIR")]
+    adapters: Vec<PathBuf>,
+    /// Base model directory or Hugging Face id (local cache). Default: base_model_name_or_path of adapter_config.json.
+    #[arg(long, value_name = "DIR|HF_ID")]
+    base: Option<String>,
+    /// finetune_demo jsonl file, or a data directory read through --config's data_config. Repeatable.
+    #[arg(long, value_name = "FILE|DIR")]
+    data: Vec<PathBuf>,
+    /// The finetune_demo lora.yaml the adapter was trained with (combine, max lengths define the targets).
+    #[arg(long, value_name = "lora.yaml")]
+    config: Option<PathBuf>,
+    /// Suite file (data, samples, gates); flags override it. Default: suites/default.yaml (built in).
+    #[arg(long, value_name = "FILE")]
+    suite: Option<PathBuf>,
+    /// Number of rows to draw (with --seed). Default: all rows up to 256.
+    #[arg(long, value_name = "N")]
+    samples: Option<usize>,
+    #[arg(long, value_name = "N")]
+    seed: Option<u64>,
+    /// Which data_config file a data directory is read through.
+    #[arg(long, default_value = "train", value_parser = ["train", "val", "test"])]
+    split: String,
+    /// auto, cpu, cuda or cuda:N
+    #[arg(long, default_value = "auto")]
+    device: String,
+    /// auto (bf16 on GPUs with compute capability ≥ 8.0, f16 on older ones, f32 on CPU), f32, bf16, f16
+    #[arg(long, default_value = "auto")]
+    dtype: String,
+    /// Greedy tokens per sample. Default: the target's length + 16.
+    #[arg(long, value_name = "N")]
+    max_new_tokens: Option<usize>,
+    /// Rows per forward pass, or auto.
+    #[arg(long, value_name = "N|auto", default_value = "auto")]
+    batch_size: String,
+    #[arg(long, value_enum, default_value = "text")]
+    format: Format,
+    /// Write the report here (atomically) instead of stdout.
+    #[arg(long, short = 'o', value_name = "FILE")]
+    output: Option<PathBuf>,
+    /// No progress or notes on stderr.
+    #[arg(long)]
+    quiet: bool,
+}
+
+#[derive(Args)]
+struct InspectArgs {
+    #[arg(long, value_name = "FILE")]
+    data: PathBuf,
+    #[arg(long, value_name = "lora.yaml")]
+    config: Option<PathBuf>,
+    /// Directory with tokenizer.json or tokenizer.model (and the chat template): usually the base model.
+    #[arg(long, value_name = "DIR")]
+    tokenizer: PathBuf,
+    #[arg(long, default_value_t = 3)]
+    rows: usize,
+}
+
+fn options(a: &VerifyArgs) -> anyhow::Result<Options> {
+    let suite = match &a.suite {
+        Some(p) => Suite::read(p)?,
+        None => Suite::builtin(),
+    };
+    let batch_size = match a.batch_size.as_str() {
+        "auto" => None,
+        n => Some(n.parse::<usize>().ok().filter(|n| *n > 0).ok_or_else(|| {
+            anyhow::anyhow!("--batch-size {n}: expected a positive number or auto")
+        })?),
+    };
+    Ok(Options {
+        adapters: a.adapters.clone(),
+        base: a.base.clone(),
+        data: a.data.clone(),
+        config: a.config.clone(),
+        seed: a.seed.or(suite.seed).unwrap_or(0),
+        suite,
+        samples: a.samples,
+        device: a.device.clone(),
+        dtype: a.dtype.clone(),
+        max_new_tokens: a.max_new_tokens,
+        batch_size,
+        split: a.split.clone(),
+    })
+}
+
+fn emit(text: &str, output: Option<&PathBuf>) -> anyhow::Result<()> {
+    match output {
+        Some(p) => report::write_atomic(p, text),
+        None => {
+            print!("{text}");
+            Ok(())
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        None => {
+            let a = cli.verify;
+            let opts = options(&a)?;
+            let reports = pipeline::verify(&opts)?;
+            if !a.quiet {
+                for r in &reports {
+                    if let Some(n) = &r.adapter.note {
+                        eprintln!("note: {n}");
+                    }
+                }
+            }
+            let color = a.output.is_none() && std::io::stdout().is_terminal();
+            emit(&report::render(&reports, a.format, color)?, a.output.as_ref())?;
+            Ok(if reports.iter().all(|r| r.passed()) { ExitCode::SUCCESS } else { ExitCode::from(1) })
+        }
+        Some(Command::Check(a)) => {
+            let opts = options(&a)?;
+            let findings = glm4_verify::preflight::check(&opts)?;
+            let text = glm4_verify::preflight::render(&findings, a.format)?;
+            emit(&text, a.output.as_ref())?;
+            let errors = findings.iter().any(|f| f.severity == glm4_verify::finding::Severity::Error);
+            Ok(if errors { ExitCode::from(1) } else { ExitCode::SUCCESS })
+        }
+        Some(Command::InspectData(a)) => {
+            let color = std::io::stdout().is_terminal();
+            let text = glm4_verify::preflight::inspect_data(&a.data, a.config.as_deref(), &a.tokenizer, a.rows, color)?;
+            print!("{text}");
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            let code = if e.use_stderr() { 2 } else { 0 };
+            let _ = e.print();
+            return ExitCode::from(code);
+        }
+    };
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}

@@ -1,3 +1,4 @@
 //! Behaviour: teacher-forced target log-probs and greedy generations, base vs tuned.
 
 pub mod engine;
+pub mod metrics;

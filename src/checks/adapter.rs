@@ -1,0 +1,292 @@
+//! Adapter diagnostics from the files and the base weights: never trained, NaN, keys or shapes
+//! that do not fit the base, effect size, and whether a bf16 merge would keep the delta.
+
+use anyhow::Result;
+use candle_core::{DType, Tensor};
+use serde_json::json;
+
+use crate::adapter::{base_modules, Adapter, Matched};
+use crate::finding::Finding;
+use crate::model::config::{Layout, ModelConfig};
+use crate::model::glm::{Glm, Target};
+use crate::model::weights::Weights;
+
+/// Per matched module: ‖s·B·A‖ / ‖W‖ and the share of ΔW elements that survive a bf16 merge.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ModuleEffect {
+    pub module: String,
+    pub relative_norm: f64,
+    pub bf16_survival: f64,
+}
+
+/// Checks that need only the adapter files (and the base's config for names).
+pub fn check_files(adapter: &Adapter, matched: &Matched, base: &ModelConfig) -> Result<Vec<Finding>> {
+    let mut out = Vec::new();
+    let nb = adapter.pairs.len();
+    // lora_B all zero: PEFT initialises B = 0, so an adapter that never trained has no effect.
+    let mut zero = Vec::new();
+    let mut nonfinite = Vec::new();
+    for p in &adapter.pairs {
+        if p.b.abs()?.max_all()?.to_scalar::<f32>()? == 0.0 {
+            zero.push(p.key_b.clone());
+        }
+        for (k, t) in [(&p.key_a, &p.a), (&p.key_b, &p.b)] {
+            if !all_finite(t)? {
+                nonfinite.push(k.clone());
+            }
+        }
+    }
+    if nb > 0 && zero.len() == nb {
+        out.push(
+            Finding::error(
+                "adapter_lora_b_zero",
+                format!("every lora_B tensor is zero ({nb} of {nb}): the adapter was never trained (PEFT initialises B to zero), or the trained weights were not saved"),
+            )
+            .with_evidence(json!({"zero_lora_b": nb, "lora_b": nb})),
+        );
+    } else if !zero.is_empty() {
+        out.push(
+            Finding::warning(
+                "adapter_lora_b_zero",
+                format!("{} of {nb} lora_B tensors are zero: those modules did not train", zero.len()),
+            )
+            .with_evidence(json!({"zero_lora_b": zero.len(), "lora_b": nb, "tensors": first(&zero, 20)})),
+        );
+    }
+    if !nonfinite.is_empty() {
+        out.push(
+            Finding::error(
+                "adapter_nonfinite",
+                format!(
+                    "{} adapter tensors contain NaN or Inf (first: {}); training diverged (fp16 overflow?) — use an earlier checkpoint or train in bf16/fp32",
+                    nonfinite.len(),
+                    nonfinite[0]
+                ),
+            )
+            .with_evidence(json!({"tensors": first(&nonfinite, 20), "count": nonfinite.len()})),
+        );
+    }
+    if !adapter.unpaired.is_empty() {
+        out.push(
+            Finding::error(
+                "adapter_shape_mismatch",
+                format!("{} LoRA tensors have no partner (lora_A without lora_B or the reverse), e.g. {}", adapter.unpaired.len(), adapter.unpaired[0]),
+            )
+            .with_evidence(json!({"tensors": first(&adapter.unpaired, 20)})),
+        );
+    }
+    let non_default: Vec<&String> = adapter.adapter_names.iter().filter(|n| n.as_str() != "default").collect();
+    if !matched.unmatched_modules.is_empty() {
+        let n = matched.unmatched_modules.len();
+        let reason = unmatched_reason(&matched.unmatched_modules, base, &non_default);
+        let severity_all = matched.matched_modules.is_empty();
+        let msg = format!(
+            "{} of {} adapter modules ({} tensors) match a module of the base: {reason}",
+            matched.matched_modules.len(),
+            nb,
+            2 * n,
+        );
+        let f = if severity_all { Finding::error("adapter_keys_unmatched", msg) } else { Finding::warning("adapter_keys_unmatched", msg) };
+        out.push(f.with_evidence(json!({
+            "matched_modules": matched.matched_modules.len(),
+            "unmatched_modules": n,
+            "unmatched_tensors": 2 * n,
+            "examples": first(&matched.unmatched_modules, 5),
+            "base_layout": base.layout.as_str(),
+            "reason": reason,
+        })));
+    }
+    if !non_default.is_empty() {
+        out.push(Finding::warning(
+            "adapter_keys_unmatched",
+            format!(
+                "the keys carry adapter name {:?} instead of \"default\": PEFT's from_pretrained loads them under \"default\" only when saved by save_pretrained; glm4-verify reads them anyway",
+                non_default[0]
+            ),
+        ).with_evidence(json!({"adapter_names": non_default})));
+    }
+    if !matched.shape_mismatch.is_empty() {
+        let (m, why) = &matched.shape_mismatch[0];
+        out.push(
+            Finding::error(
+                "adapter_shape_mismatch",
+                format!("{} adapter modules do not fit the base; {m}: {why}. Was the adapter trained on another model size?", matched.shape_mismatch.len()),
+            )
+            .with_evidence(json!({"modules": matched.shape_mismatch.iter().take(20).map(|(m, w)| json!({"module": m, "problem": w})).collect::<Vec<_>>()})),
+        );
+    }
+    // Target modules the config lists but the file lacks.
+    let listed: Vec<&String> = adapter.config.target_modules.iter().collect();
+    let missing: Vec<&&String> = listed
+        .iter()
+        .filter(|t| !adapter.pairs.iter().any(|p| p.module == ***t || p.module.ends_with(&format!(".{t}"))))
+        .collect();
+    if !missing.is_empty() && !adapter.pairs.is_empty() {
+        out.push(
+            Finding::warning(
+                "adapter_keys_unmatched",
+                format!("adapter_config.json targets {missing:?} but the weights file has no LoRA tensors for them"),
+            )
+            .with_evidence(json!({"missing_targets": missing})),
+        );
+    }
+    if !adapter.other_keys.is_empty() {
+        out.push(
+            Finding::warning(
+                "adapter_extra_tensors",
+                format!(
+                    "{} tensors are not LoRA weights (e.g. {}); modules_to_save / embedding updates are not applied by glm4-verify",
+                    adapter.other_keys.len(),
+                    adapter.other_keys[0]
+                ),
+            )
+            .with_evidence(json!({"tensors": first(&adapter.other_keys, 20)})),
+        );
+    }
+    Ok(out)
+}
+
+/// The likely reason adapter module names do not match the base.
+fn unmatched_reason(unmatched: &[String], base: &ModelConfig, non_default: &[&String]) -> String {
+    let chatglm_names = ["query_key_value", "dense_h_to_4h", "dense_4h_to_h", "self_attention"];
+    let hf_names = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "down_proj", "self_attn"];
+    let has = |names: &[&str]| unmatched.iter().any(|m| names.iter().any(|n| m.contains(n)));
+    let base_desc = match base.layout {
+        Layout::Chatglm => "the base uses ChatGLM names (glm-4-9b-chat: query_key_value, dense_h_to_4h)",
+        Layout::Glm => "the base is GlmForCausalLM (glm-4-9b-chat-hf: q_proj/k_proj/v_proj, gate_up_proj)",
+        Layout::Glm4 => "the base is Glm4ForCausalLM (GLM-4-0414: q_proj/k_proj/v_proj, gate_up_proj)",
+    };
+    if base.layout != Layout::Chatglm && has(&chatglm_names) {
+        return format!("the adapter uses ChatGLM names (e.g. {}), {base_desc}; use the adapter with the base it was trained on (glm-4-9b-chat), or retrain on this one", unmatched[0]);
+    }
+    if base.layout == Layout::Chatglm && has(&hf_names) {
+        return format!("the adapter uses -hf names (e.g. {}), {base_desc}; use the -hf base the adapter was trained on", unmatched[0]);
+    }
+    if unmatched.iter().any(|m| m.starts_with("model.model.") || m.starts_with("base_model.")) {
+        return format!("a doubled model prefix (e.g. {}): the adapter was saved from a wrapped model", unmatched[0]);
+    }
+    if let Some(n) = non_default.first() {
+        return format!("keys carry adapter name {n:?} and do not name base modules (e.g. {})", unmatched[0]);
+    }
+    let layer_out = unmatched.iter().any(|m| {
+        m.split('.').find_map(|p| p.parse::<usize>().ok()).is_some_and(|l| l >= base.num_layers)
+    });
+    if layer_out {
+        return format!("layer indices past the base's {} layers (e.g. {}): the adapter is for a larger model", base.num_layers, unmatched[0]);
+    }
+    let example = base_modules(base).keys().next().cloned().unwrap_or_default();
+    format!("names like {} are not modules of this base (its modules look like {example})", unmatched[0])
+}
+
+/// Effect size per module and bf16 merge survival; `adapter_merge_vanishes` when a bf16 merge
+/// would leave (almost) the base.
+/// `weight(layer, target)` gives the base's (fused) weight of a linear.
+pub fn check_effect(
+    weight: &dyn Fn(usize, Target) -> Result<Tensor>,
+    matched: &Matched,
+) -> Result<(Vec<ModuleEffect>, Vec<Finding>)> {
+    let mut effects = Vec::new();
+    let (mut changed, mut total, mut err_sq, mut delta_sq) = (0f64, 0f64, 0f64, 0f64);
+    for ((layer, target, delta), name) in matched.deltas.iter().zip(&matched.matched_modules) {
+        let w = weight(*layer, *target)?;
+        let dw = delta.delta_weight()?; // [len, in] f32
+        let len = dw.dims()[0];
+        let w = w.narrow(0, delta.out_start, len)?.to_dtype(DType::F32)?.to_device(dw.device())?;
+        let wn = w.sqr()?.sum_all()?.to_scalar::<f32>()?.sqrt() as f64;
+        let dn = dw.sqr()?.sum_all()?.to_scalar::<f32>()?.sqrt() as f64;
+        // What a bf16 merge keeps: bf16(W + ΔW) − bf16(W) against ΔW. Elements whose delta is under
+        // half a bf16 step of the weight vanish; the rest are rounded to whole steps.
+        let wb = w.to_dtype(DType::BF16)?;
+        let merged = (&w + &dw)?.to_dtype(DType::BF16)?;
+        let kept = (merged.to_dtype(DType::F32)? - wb.to_dtype(DType::F32)?)?;
+        let ne = kept.ne(0f32)?.to_dtype(DType::F32)?.sum_all()?.to_scalar::<f32>()? as f64;
+        let nz = dw.ne(0f32)?.to_dtype(DType::F32)?.sum_all()?.to_scalar::<f32>()? as f64;
+        let err = (&kept - &dw)?.sqr()?.sum_all()?.to_scalar::<f32>()?.sqrt() as f64;
+        err_sq += err * err;
+        delta_sq += dn * dn;
+        changed += ne;
+        total += nz;
+        effects.push(ModuleEffect {
+            module: name.clone(),
+            relative_norm: if wn > 0.0 { dn / wn } else { f64::INFINITY },
+            bf16_survival: if nz > 0.0 { ne / nz } else { 0.0 },
+        });
+    }
+    let mut out = Vec::new();
+    if total > 0.0 {
+        let share = changed / total;
+        let median_rel = median(effects.iter().map(|e| e.relative_norm).collect());
+        // Relative error of the delta a bf16 merge would keep: ≥ 0.5 means it is mostly rounding.
+        let merge_error = if delta_sq > 0.0 { (err_sq / delta_sq).sqrt() } else { 1.0 };
+        let ev = json!({"bf16_changed_fraction": share, "bf16_merge_relative_error": merge_error,
+                        "median_relative_norm": median_rel, "modules": effects.len()});
+        if share < 0.01 || merge_error >= 0.5 {
+            out.push(
+                Finding::error(
+                    "adapter_merge_vanishes",
+                    format!(
+                        "merged into bf16 weights the delta is below bf16 resolution (median ‖ΔW‖/‖W‖ = {median_rel:.1e}, bf16 keeps ~2^-9): only {:.1}% of the touched weights change and what a merge keeps is {:.0}% rounding error; a merged bf16 model would be (almost) the base",
+                        share * 100.0,
+                        merge_error * 100.0
+                    ),
+                )
+                .with_evidence(ev),
+            );
+        } else {
+            out.push(Finding::info(
+                "adapter_effect_size",
+                format!(
+                    "median ‖s·B·A‖/‖W‖ = {median_rel:.2e}; a bf16 merge changes {:.1}% of the touched weights with {:.1}% error",
+                    share * 100.0,
+                    merge_error * 100.0
+                ),
+            ).with_evidence(ev));
+        }
+    }
+    Ok((effects, out))
+}
+
+fn all_finite(t: &Tensor) -> Result<bool> {
+    // NaN != NaN, and Inf - Inf = NaN: one pass catches both.
+    let d = (t - t)?;
+    Ok(d.eq(&d)?.to_dtype(DType::F32)?.min_all()?.to_scalar::<f32>()? == 1.0 || t.elem_count() == 0)
+}
+
+fn first(v: &[String], n: usize) -> Vec<&String> {
+    v.iter().take(n).collect()
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    if v.is_empty() {
+        return 0.0;
+    }
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+/// The base weight of a linear for `check_effect`, from the model in memory.
+pub fn weight_from_model(model: &Glm) -> impl Fn(usize, Target) -> Result<Tensor> + '_ {
+    move |layer, t| model.target_weight(layer, t).cloned().ok_or_else(|| anyhow::anyhow!("no layer {layer}"))
+}
+
+/// The base weight of a linear for `check_effect`, read from the checkpoint files one tensor at a
+/// time (no full model load: a fast pre-flight).
+pub fn weight_from_files<'a>(w: &'a Weights, cfg: &'a ModelConfig) -> impl Fn(usize, Target) -> Result<Tensor> + 'a {
+    move |layer, t| {
+        let dev = candle_core::Device::Cpu;
+        let ld = |n: String| w.load(&n, DType::F32, &dev);
+        Ok(match (cfg.layout, t) {
+            (Layout::Chatglm, Target::Qkv) => ld(format!("transformer.encoder.layers.{layer}.self_attention.query_key_value.weight"))?,
+            (Layout::Chatglm, Target::O) => ld(format!("transformer.encoder.layers.{layer}.self_attention.dense.weight"))?,
+            (Layout::Chatglm, Target::GateUp) => ld(format!("transformer.encoder.layers.{layer}.mlp.dense_h_to_4h.weight"))?,
+            (Layout::Chatglm, Target::Down) => ld(format!("transformer.encoder.layers.{layer}.mlp.dense_4h_to_h.weight"))?,
+            (_, Target::Qkv) => Tensor::cat(
+                &["q", "k", "v"].map(|x| ld(format!("model.layers.{layer}.self_attn.{x}_proj.weight"))).into_iter().collect::<Result<Vec<_>>>()?,
+                0,
+            )?,
+            (_, Target::O) => ld(format!("model.layers.{layer}.self_attn.o_proj.weight"))?,
+            (_, Target::GateUp) => ld(format!("model.layers.{layer}.mlp.gate_up_proj.weight"))?,
+            (_, Target::Down) => ld(format!("model.layers.{layer}.mlp.down_proj.weight"))?,
+        })
+    }
+}

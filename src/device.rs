@@ -1,0 +1,77 @@
+//! `--device` and `--dtype`: pick where and in which precision the model runs.
+
+use anyhow::{anyhow, bail, Result};
+use candle_core::{DType, Device};
+
+use crate::checks::hardware::DeviceInfo;
+
+/// auto | cpu | cuda | cuda:N
+pub fn select(arg: &str) -> Result<Device> {
+    match arg {
+        "cpu" => Ok(Device::Cpu),
+        "auto" => {
+            if cfg!(feature = "cuda") && candle_core::utils::cuda_is_available() {
+                if let Ok(d) = Device::new_cuda(0) {
+                    return Ok(d);
+                }
+            }
+            Ok(Device::Cpu)
+        }
+        s if s == "cuda" || s.starts_with("cuda:") => {
+            let n: usize = match s.strip_prefix("cuda:") {
+                Some(n) => n.parse().map_err(|_| anyhow!("--device {s}: expected cuda:N with N a GPU index"))?,
+                None => 0,
+            };
+            if !cfg!(feature = "cuda") {
+                bail!(
+                    "--device {s}: this glm4-verify was built without CUDA; rebuild with `cargo build --release --features cuda` or use --device cpu"
+                );
+            }
+            Device::new_cuda(n).map_err(|e| {
+                anyhow!("--device {s}: no usable CUDA GPU {n} ({e}); check nvidia-smi, or use --device cpu")
+            })
+        }
+        other => bail!("--device {other}: expected auto, cpu, cuda or cuda:N"),
+    }
+}
+
+/// Name and compute capability of a device.
+pub fn info(device: &Device) -> DeviceInfo {
+    match device {
+        #[cfg(feature = "cuda")]
+        Device::Cuda(d) => {
+            let ctx = d.cuda_stream().context().clone();
+            DeviceInfo {
+                name: ctx.name().unwrap_or_else(|_| "CUDA GPU".into()),
+                compute_capability: ctx.compute_capability().ok().map(|(a, b)| (a as u32, b as u32)),
+                is_cuda: true,
+            }
+        }
+        _ => DeviceInfo { name: "cpu".into(), compute_capability: None, is_cuda: false },
+    }
+}
+
+/// auto | f32 | bf16 | f16. auto: bf16 on a GPU that has it (compute capability ≥ 8.0), f16 on
+/// older GPUs, f32 on CPU.
+pub fn dtype(arg: &str, device: &DeviceInfo) -> Result<DType> {
+    Ok(match arg {
+        "f32" => DType::F32,
+        "bf16" => DType::BF16,
+        "f16" => DType::F16,
+        "auto" if device.is_cuda => match device.compute_capability {
+            Some((major, _)) if major < 8 => DType::F16,
+            _ => DType::BF16,
+        },
+        "auto" => DType::F32,
+        other => bail!("--dtype {other}: expected auto, f32, bf16 or f16"),
+    })
+}
+
+pub fn dtype_name(d: DType) -> &'static str {
+    match d {
+        DType::F32 => "f32",
+        DType::BF16 => "bf16",
+        DType::F16 => "f16",
+        _ => "other",
+    }
+}

@@ -1,0 +1,506 @@
+//! `glm4-verify --adapter ...`: load once, check, score, generate, conclude.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{anyhow, bail, Context, Result};
+use candle_core::{DType, Device};
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use serde_json::json;
+
+use crate::adapter::{match_to_base, Adapter};
+use crate::checks;
+use crate::checks::labels::ReplayedRow;
+use crate::data::Row;
+use crate::device;
+use crate::finding::Finding;
+use crate::model::{self, Glm};
+use crate::report::{AdapterInfo, BaseInfo, Report, Timings, SCHEMA_VERSION};
+use crate::score::engine::{generate, score_targets, BatchLimits, Variant};
+use crate::score::metrics::{summarize, Measured};
+use crate::suite::Suite;
+use crate::tokenizer::recipe::{encode, prompt_and_answer, Encoded, Recipe, IGNORE};
+use crate::tokenizer::GlmTokenizer;
+use crate::verdict;
+
+/// Everything a run needs; `main` fills it from flags and the suite.
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub adapters: Vec<PathBuf>,
+    pub base: Option<String>,
+    pub data: Vec<PathBuf>,
+    pub config: Option<PathBuf>,
+    pub suite: Suite,
+    pub samples: Option<usize>,
+    pub seed: u64,
+    pub device: String,
+    pub dtype: String,
+    pub max_new_tokens: Option<usize>,
+    pub batch_size: Option<usize>,
+    /// Which data_config file a data directory is read through: train, val or test.
+    pub split: String,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            adapters: vec![],
+            base: None,
+            data: vec![],
+            config: None,
+            suite: Suite::builtin(),
+            samples: None,
+            seed: 0,
+            device: "auto".into(),
+            dtype: "auto".into(),
+            max_new_tokens: None,
+            batch_size: None,
+            split: "train".into(),
+        }
+    }
+}
+
+/// What `--adapter DIR` turned out to be.
+#[derive(Debug, Clone)]
+pub enum AdapterInput {
+    Lora { dir: PathBuf, note: Option<String> },
+    Merged { dir: PathBuf },
+}
+
+impl AdapterInput {
+    pub fn dir(&self) -> &Path {
+        match self {
+            AdapterInput::Lora { dir, .. } | AdapterInput::Merged { dir } => dir,
+        }
+    }
+}
+
+/// checkpoint-N subdirectories of a training output directory, sorted by N.
+pub fn checkpoints(dir: &Path) -> Vec<(u64, PathBuf)> {
+    let mut v: Vec<(u64, PathBuf)> = std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.filter_map(|e| e.ok())
+                .filter_map(|e| {
+                    let name = e.file_name().to_string_lossy().into_owned();
+                    let n = name.strip_prefix("checkpoint-")?.parse::<u64>().ok()?;
+                    e.path().is_dir().then_some((n, e.path()))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+/// A PEFT adapter directory, a training output directory (its highest checkpoint-N), or a merged model.
+pub fn resolve_adapter(dir: &Path) -> Result<AdapterInput> {
+    if !dir.exists() {
+        bail!("--adapter {}: no such directory", dir.display());
+    }
+    if dir.join("adapter_config.json").is_file() {
+        return Ok(AdapterInput::Lora { dir: dir.to_path_buf(), note: None });
+    }
+    let cps = checkpoints(dir);
+    if let Some((n, last)) = cps.last() {
+        if last.join("adapter_config.json").is_file() {
+            let note = format!("{} is a training output directory: using its highest checkpoint, checkpoint-{n} (of {})", dir.display(), cps.len());
+            return Ok(AdapterInput::Lora { dir: last.clone(), note: Some(note) });
+        }
+    }
+    if dir.join("config.json").is_file() {
+        return Ok(AdapterInput::Merged { dir: dir.to_path_buf() });
+    }
+    bail!(
+        "--adapter {}: neither a PEFT adapter (adapter_config.json), a training output (checkpoint-N/), nor a merged model (config.json + weights)",
+        dir.display()
+    )
+}
+
+/// `--base`, or base_model_name_or_path of the adapter: a local directory (absolute, relative to the
+/// working directory, or to the adapter and its parents) or a Hugging Face id in the local cache.
+pub fn resolve_base(arg: Option<&str>, adapter: Option<&Path>) -> Result<PathBuf> {
+    let (name, from) = match arg {
+        Some(b) => (b.to_string(), "--base".to_string()),
+        None => {
+            let Some(a) = adapter else { bail!("no --base given and no adapter to read it from") };
+            let cfg = a.join("adapter_config.json");
+            let v: serde_json::Value = std::fs::read_to_string(&cfg)
+                .ok()
+                .and_then(|t| serde_json::from_str(&t).ok())
+                .unwrap_or(serde_json::Value::Null);
+            match v.get("base_model_name_or_path").and_then(|b| b.as_str()) {
+                Some(b) if !b.is_empty() => (b.to_string(), format!("base_model_name_or_path in {}", cfg.display())),
+                _ => bail!(
+                    "{} names no base model (base_model_name_or_path is empty): pass --base DIR or --base ORG/NAME",
+                    cfg.display()
+                ),
+            }
+        }
+    };
+    let mut tried = Vec::new();
+    let p = PathBuf::from(&name);
+    let mut candidates = vec![p.clone()];
+    if p.is_relative() {
+        if let Some(a) = adapter {
+            candidates.extend(a.ancestors().take(4).map(|d| d.join(&p)));
+        }
+    }
+    for c in candidates {
+        if c.join("config.json").is_file() {
+            return Ok(c);
+        }
+        tried.push(c.display().to_string());
+    }
+    if let Some(found) = hf_cache_lookup(&name, &mut tried) {
+        return Ok(found);
+    }
+    bail!(
+        "cannot find the base model {name:?} (from {from}); tried:\n  {}\nPass --base with a local model directory (config.json + safetensors), or download it first (huggingface-cli download {name})",
+        tried.join("\n  ")
+    )
+}
+
+/// models--ORG--NAME/snapshots/<rev>/ in HF_HUB_CACHE, HF_HOME/hub or ~/.cache/huggingface/hub.
+fn hf_cache_lookup(id: &str, tried: &mut Vec<String>) -> Option<PathBuf> {
+    if !id.contains('/') || id.starts_with('/') || id.starts_with('.') {
+        return None;
+    }
+    let mut roots = Vec::new();
+    if let Ok(c) = std::env::var("HF_HUB_CACHE") {
+        roots.push(PathBuf::from(c));
+    }
+    if let Ok(h) = std::env::var("HF_HOME") {
+        roots.push(PathBuf::from(h).join("hub"));
+    }
+    if let Ok(home) = std::env::var("HOME") {
+        roots.push(PathBuf::from(home).join(".cache/huggingface/hub"));
+    }
+    let folder = format!("models--{}", id.replace('/', "--"));
+    for root in roots {
+        let repo = root.join(&folder);
+        let snaps = repo.join("snapshots");
+        // refs/main names the revision the hub client considers current.
+        if let Ok(rev) = std::fs::read_to_string(repo.join("refs/main")) {
+            let s = snaps.join(rev.trim());
+            if s.join("config.json").is_file() {
+                return Some(s);
+            }
+        }
+        let mut all: Vec<PathBuf> = std::fs::read_dir(&snaps)
+            .map(|rd| rd.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| p.join("config.json").is_file()).collect())
+            .unwrap_or_default();
+        all.sort_by_key(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok());
+        if let Some(s) = all.pop() {
+            return Some(s);
+        }
+        tried.push(format!("{} (Hugging Face cache)", snaps.display()));
+    }
+    None
+}
+
+/// Data files: jsonl files as given, or a directory read through lora.yaml's data_config.
+pub fn data_files(data: &[PathBuf], config: Option<&Path>, split: &str) -> Result<Vec<PathBuf>> {
+    let mut out = Vec::new();
+    for d in data {
+        if d.is_dir() {
+            let key = match split {
+                "train" => "train_file",
+                "val" => "val_file",
+                "test" => "test_file",
+                other => bail!("--split {other}: expected train, val or test"),
+            };
+            let from_cfg = config.and_then(|c| {
+                let v: serde_yaml::Value = serde_yaml::from_str(&std::fs::read_to_string(c).ok()?).ok()?;
+                v.get("data_config")?.get(key)?.as_str().map(String::from)
+            });
+            let name = from_cfg.unwrap_or_else(|| format!("{split}.jsonl"));
+            let f = d.join(&name);
+            if !f.is_file() {
+                bail!(
+                    "--data {}: a data directory is read through lora.yaml's data_config.{key}; {} does not exist (pass --config lora.yaml, or a .jsonl file)",
+                    d.display(),
+                    f.display()
+                );
+            }
+            out.push(f);
+        } else if d.is_file() {
+            out.push(d.clone());
+        } else {
+            bail!("--data {}: no such file or directory", d.display());
+        }
+    }
+    if out.is_empty() {
+        bail!("no data: pass --data FILE.jsonl (finetune_demo format) or a suite with data");
+    }
+    Ok(out)
+}
+
+/// One data row prepared for scoring.
+struct Prepared {
+    row: Row,
+    encoded: Encoded,
+    prompt: Vec<u32>,
+    answer: String,
+}
+
+/// Reads, checks, samples and encodes the data.
+fn prepare_data(tok: &GlmTokenizer, files: &[PathBuf], recipe: &Recipe, opts: &Options, findings: &mut Vec<Finding>) -> Result<Vec<Prepared>> {
+    let mut rows = Vec::new();
+    for f in files {
+        let (r, fs) = checks::data_format::scan_jsonl(f)?;
+        findings.extend(fs);
+        findings.extend(checks::data_format::check_rows(&r));
+        rows.extend(r);
+    }
+    if rows.is_empty() {
+        bail!("no usable rows in {}: see the data_format problems above, or run `glm4-verify check`", files.iter().map(|f| f.display().to_string()).collect::<Vec<_>>().join(", "));
+    }
+    // Replay the recipe on every row (label checks want all of them), then sample.
+    let mut prepared = Vec::new();
+    for row in rows {
+        let Some((prompt, answer)) = prompt_and_answer(tok, &row.messages).with_context(|| format!("{}:{}", row.source.display(), row.line))? else {
+            continue; // no assistant turn: reported by data_format
+        };
+        let encoded = encode(tok, &row.messages, recipe).with_context(|| format!("{}:{}", row.source.display(), row.line))?;
+        prepared.push(Prepared { row, encoded, prompt, answer });
+    }
+    let sources: Vec<String> = prepared.iter().map(|p| p.row.source.display().to_string()).collect();
+    let replayed: Vec<ReplayedRow> = prepared
+        .iter()
+        .zip(&sources)
+        .map(|(p, s)| ReplayedRow { source: s, line: p.row.line, encoded: &p.encoded, prompt_len: p.prompt.len() })
+        .collect();
+    findings.extend(checks::labels::check_labels(&replayed, recipe));
+    let limit = opts.samples.or(opts.suite.samples);
+    match limit {
+        Some(n) if n < prepared.len() => {
+            let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(opts.seed);
+            prepared.shuffle(&mut rng);
+            prepared.truncate(n);
+            prepared.sort_by(|a, b| (&a.row.source, a.row.line).cmp(&(&b.row.source, b.row.line)));
+        }
+        None if prepared.len() > 256 => prepared.truncate(256),
+        _ => {}
+    }
+    Ok(prepared)
+}
+
+/// Tokens that only format the answer: special tokens and whitespace-only pieces.
+fn formatting_mask(tok: &GlmTokenizer, ids: &[u32]) -> Vec<bool> {
+    ids.iter()
+        .map(|&id| {
+            let special = crate::tokenizer::SPECIALS.iter().any(|s| tok.special(s).ok() == Some(id));
+            special || tok.decode(&[id], false).map(|s| s.trim().is_empty()).unwrap_or(false)
+        })
+        .collect()
+}
+
+/// Runs the verification of every adapter against one base load.
+pub fn verify(opts: &Options) -> Result<Vec<Report>> {
+    let t0 = Instant::now();
+    if opts.adapters.is_empty() {
+        bail!("no --adapter given: pass a PEFT adapter directory, a training output directory or a merged model directory");
+    }
+    let inputs: Vec<AdapterInput> = opts.adapters.iter().map(|a| resolve_adapter(a)).collect::<Result<_>>()?;
+    let first_lora = inputs.iter().find_map(|i| match i {
+        AdapterInput::Lora { dir, .. } => Some(dir.clone()),
+        _ => None,
+    });
+    let base_dir = resolve_base(opts.base.as_deref(), first_lora.as_deref().or(Some(inputs[0].dir())))?;
+    let dev = device::select(&opts.device)?;
+    let dinfo = device::info(&dev);
+    let dtype = device::dtype(&opts.dtype, &dinfo)?;
+    let tok = GlmTokenizer::from_dir(&base_dir).or_else(|e| {
+        first_lora.as_deref().map(GlmTokenizer::from_dir).unwrap_or(Err(e))
+    })?;
+    let config = opts.config.clone().or(opts.suite.config.clone());
+    let recipe = match &config {
+        Some(c) => Recipe::from_file(c)?,
+        None => Recipe::default(),
+    };
+    let mut common = Vec::new();
+    let data_paths = if opts.data.is_empty() { opts.suite.data.clone() } else { opts.data.clone() };
+    let files = data_files(&data_paths, config.as_deref(), &opts.split)?;
+    let prepared = prepare_data(&tok, &files, &recipe, opts, &mut common)?;
+    // Precision: the device, the run's dtype, and what training asked for.
+    let (tb, tf) = match &config {
+        Some(c) => std::fs::read_to_string(c)
+            .ok()
+            .and_then(|t| serde_yaml::from_str::<serde_yaml::Value>(&t).ok())
+            .map(|v| checks::hardware::read_training_precision_from_yaml(&v))
+            .unwrap_or((None, None)),
+        None => (None, None),
+    };
+    common.extend(checks::hardware::check_precision(&dinfo, device::dtype_name(dtype), tb, tf));
+
+    let t_load = Instant::now();
+    let mut base = model::load_dir(&base_dir, dtype, &dev)?;
+    // LoRA adapters ride the side path of the one base; merged models are separate models.
+    let mut lora_slots: Vec<Option<usize>> = Vec::new();
+    let mut per_adapter: Vec<(Vec<Finding>, AdapterInfo)> = Vec::new();
+    let mut attach = Vec::new();
+    for input in &inputs {
+        match input {
+            AdapterInput::Lora { dir, note } => {
+                let a = Adapter::open(dir)?;
+                let m = match_to_base(&a, &base.cfg)?;
+                let mut fs = checks::adapter::check_files(&a, &m, &base.cfg)?;
+                let (_, eff) = checks::adapter::check_effect(&checks::adapter::weight_from_model(&base), &m)?;
+                fs.extend(eff);
+                if let Some(ts) = checks::train::find_trainer_state(dir).or_else(|| dir.parent().and_then(checks::train::find_trainer_state)) {
+                    match checks::train::check_trainer_state(&ts) {
+                        Ok(f) => fs.extend(f),
+                        Err(e) => fs.push(Finding::warning("train_state_unreadable", format!("{e:#}"))),
+                    }
+                }
+                let info = AdapterInfo {
+                    path: dir.display().to_string(),
+                    kind: "lora".into(),
+                    rank: Some(a.config.r),
+                    alpha: Some(a.config.lora_alpha),
+                    scaling: Some(a.config.scaling()),
+                    matched_modules: m.matched_modules.len(),
+                    tensors: a.tensors,
+                    note: note.clone(),
+                };
+                lora_slots.push(Some(attach.len()));
+                attach.push(m.deltas);
+                per_adapter.push((fs, info));
+            }
+            AdapterInput::Merged { dir } => {
+                lora_slots.push(None);
+                per_adapter.push((
+                    vec![],
+                    AdapterInfo { path: dir.display().to_string(), kind: "merged".into(), ..Default::default() },
+                ));
+            }
+        }
+    }
+    base.attach(&attach)?;
+    let mut load_s = t_load.elapsed().as_secs_f64();
+
+    let lim = limits(opts, &dev);
+    let items: Vec<(Vec<u32>, Vec<i64>)> = prepared.iter().map(|p| (p.encoded.input_ids.clone(), p.encoded.labels.clone())).collect();
+    let prompts: Vec<Vec<u32>> = prepared.iter().map(|p| p.prompt.clone()).collect();
+    let max_new: Vec<usize> = prepared
+        .iter()
+        .map(|p| {
+            opts.max_new_tokens
+                .or(opts.suite.max_new_tokens)
+                .unwrap_or_else(|| tok.encode(&p.answer).map(|t| t.len()).unwrap_or(64) + 16)
+        })
+        .collect();
+
+    // Base rows and every LoRA adapter's rows in the same batches.
+    let mut variants: Vec<Variant> = vec![None];
+    variants.extend((0..attach.len()).map(Some));
+    let t_score = Instant::now();
+    let mut lp = score_targets(&base, &items, &variants, lim)?;
+    let mut score_s = t_score.elapsed().as_secs_f64();
+    let t_gen = Instant::now();
+    let mut gens = generate(&base, &prompts, &max_new, &variants, lim)?;
+    let mut generate_s = t_gen.elapsed().as_secs_f64();
+    drop(base);
+
+    // Merged models: one more model each (compared with the base's numbers).
+    let mut merged_results = Vec::new();
+    for input in &inputs {
+        if let AdapterInput::Merged { dir } = input {
+            let t = Instant::now();
+            let m = model::load_dir(dir, dtype, &dev)?;
+            load_s += t.elapsed().as_secs_f64();
+            let t = Instant::now();
+            let l = score_targets(&m, &items, &[None], lim)?.remove(0);
+            score_s += t.elapsed().as_secs_f64();
+            let t = Instant::now();
+            let g = generate(&m, &prompts, &max_new, &[None], lim)?.remove(0);
+            generate_s += t.elapsed().as_secs_f64();
+            merged_results.push((l, g));
+        }
+    }
+
+    let base_lp = lp.remove(0);
+    let base_gen = gens.remove(0);
+    let mut lora_iter = lp.into_iter().zip(gens);
+    let mut merged_iter = merged_results.into_iter();
+    let run = json!({
+        "data": files.iter().map(|f| f.display().to_string()).collect::<Vec<_>>(),
+        "config": config.as_ref().map(|c| c.display().to_string()),
+        "recipe": recipe,
+        "suite": opts.suite.name,
+        "samples": opts.samples.or(opts.suite.samples),
+        "seed": opts.seed,
+        "split": opts.split,
+        "device": dinfo.name,
+        "dtype": device::dtype_name(dtype),
+    });
+    let decode = |ids: &[u32]| tok.decode(ids, true).unwrap_or_default();
+    let mut reports = Vec::new();
+    for ((mut fs, info), slot) in per_adapter.into_iter().zip(&lora_slots) {
+        let (tl, tg) = match slot {
+            Some(_) => lora_iter.next(),
+            None => merged_iter.next(),
+        }
+        .ok_or_else(|| anyhow!("internal: missing results for {}", info.path))?;
+        let measured: Vec<Measured> = prepared
+            .iter()
+            .enumerate()
+            .map(|(i, p)| {
+                let targets: Vec<u32> = p.encoded.labels.iter().skip(1).filter(|&&l| l != IGNORE).map(|&l| l as u32).collect();
+                Measured {
+                    source: p.row.source.display().to_string(),
+                    line: p.row.line,
+                    target: p.answer.clone(),
+                    lp_base: base_lp[i].clone(),
+                    lp_tuned: tl[i].clone(),
+                    formatting: formatting_mask(&tok, &targets),
+                    gen_base: decode(&base_gen[i]),
+                    gen_tuned: decode(&tg[i]),
+                    gen_base_ids: base_gen[i].clone(),
+                    gen_tuned_ids: tg[i].clone(),
+                }
+            })
+            .collect();
+        let (summary, samples) = summarize(&measured);
+        let mut findings = common.clone();
+        findings.append(&mut fs);
+        let (v, cause) = verdict::decide(&summary, &findings, &opts.suite.gates);
+        if matches!(v, crate::report::Verdict::NoEffect) {
+            findings.push(Finding::error("behavior_no_effect", cause.clone()));
+        } else if matches!(v, crate::report::Verdict::Regressed) {
+            findings.push(Finding::error("behavior_regressed", cause.clone()));
+        }
+        reports.push(Report {
+            schema_version: SCHEMA_VERSION,
+            verdict: v,
+            cause,
+            base: BaseInfo { path: base_dir.display().to_string(), layout: tok_layout(&base_dir) },
+            adapter: info,
+            findings,
+            summary,
+            samples,
+            run: run.clone(),
+            timings: Timings { load_s, score_s, generate_s, total_s: t0.elapsed().as_secs_f64() },
+        });
+    }
+    Ok(reports)
+}
+
+fn tok_layout(dir: &Path) -> String {
+    model::ModelConfig::from_dir(dir).map(|c| c.layout.as_str().to_string()).unwrap_or_default()
+}
+
+/// Batch limits: `--batch-size` rows, or a size that fits the device.
+fn limits(opts: &Options, dev: &Device) -> BatchLimits {
+    let rows = opts.batch_size.or(opts.suite.batch_size);
+    match dev {
+        Device::Cpu => BatchLimits { max_rows: rows.unwrap_or(32), max_tokens: 8192 },
+        _ => BatchLimits { max_rows: rows.unwrap_or(256), max_tokens: 65536 },
+    }
+}
+
+/// Loads a model directory in f32 on CPU (tests and small tools).
+pub fn load_cpu(dir: &Path) -> Result<Glm> {
+    model::load_dir(dir, DType::F32, &Device::Cpu)
+}

@@ -1,0 +1,92 @@
+//! Suites (suites/*.yaml): data, sampling, generation settings and the verdict gates.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use serde::{Deserialize, Serialize};
+
+/// Thresholds of the verdict rules (README: "Verdict rules").
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Gates {
+    /// no_effect: |mean Δ log p per target token| below this ...
+    pub no_effect_max_change_per_token: f64,
+    /// ... and at least this share of samples generate the same text as the base.
+    pub no_effect_min_identical_generations: f64,
+    /// regressed: mean Δ log p per answer token below this (negative).
+    pub regressed_below_gain_per_token: f64,
+    /// pass: mean Δ log p per answer token (formatting tokens excluded) at least this.
+    pub min_answer_gain_per_token: f64,
+    /// pass: share of samples whose answer tokens gained.
+    pub min_improved_fraction: f64,
+    /// pass: mean similarity(generation, target) tuned − base at least this.
+    pub min_similarity_gain: f64,
+}
+
+impl Default for Gates {
+    fn default() -> Self {
+        Gates {
+            no_effect_max_change_per_token: 0.01,
+            no_effect_min_identical_generations: 0.9,
+            regressed_below_gain_per_token: -0.05,
+            min_answer_gain_per_token: 0.1,
+            min_improved_fraction: 0.6,
+            min_similarity_gain: 0.0,
+        }
+    }
+}
+
+/// Tolerances of the baseline regression gate (`--baseline`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Regression {
+    pub max_logprob_drop_per_token: f64,
+    pub max_similarity_drop: f64,
+}
+
+impl Default for Regression {
+    fn default() -> Self {
+        Regression { max_logprob_drop_per_token: 0.05, max_similarity_drop: 0.05 }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Suite {
+    pub name: Option<String>,
+    /// Data files or directories, relative to the suite file.
+    pub data: Vec<PathBuf>,
+    pub config: Option<PathBuf>,
+    pub samples: Option<usize>,
+    pub seed: Option<u64>,
+    pub max_new_tokens: Option<usize>,
+    pub batch_size: Option<usize>,
+    pub gates: Gates,
+    pub regression: Regression,
+}
+
+/// The built-in default suite (same as suites/default.yaml).
+pub const DEFAULT_SUITE: &str = include_str!("../suites/default.yaml");
+
+impl Suite {
+    pub fn parse(text: &str, origin: &str) -> Result<Self> {
+        serde_yaml::from_str(text).with_context(|| format!("invalid suite {origin}"))
+    }
+
+    /// Reads a suite file; relative paths in it are taken relative to the file.
+    pub fn read(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).with_context(|| format!("cannot read suite {}", path.display()))?;
+        let mut s = Self::parse(&text, &path.display().to_string())?;
+        let dir = path.parent().unwrap_or(Path::new("."));
+        s.data = s.data.iter().map(|d| if d.is_absolute() { d.clone() } else { dir.join(d) }).collect();
+        s.config = s.config.map(|c| if c.is_absolute() { c } else { dir.join(c) });
+        if s.name.is_none() {
+            s.name = path.file_stem().map(|n| n.to_string_lossy().into_owned());
+        }
+        Ok(s)
+    }
+
+    pub fn builtin() -> Self {
+        Self::parse(DEFAULT_SUITE, "suites/default.yaml").unwrap_or_default()
+    }
+}
