@@ -7,9 +7,7 @@ use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use glm4_verify::tokenizer::tiktoken::load_tiktoken;
 
 fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../shared/fixtures/glm4-tokenizer")
-        .join(name)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures/glm4-tokenizer").join(name)
 }
 
 /// ~20 KB of chat-like text: Chinese, English, code, numbers, emoji, CRLF and whitespace runs.
@@ -30,9 +28,7 @@ fn bench(c: &mut Criterion) {
 
     let mut load = c.benchmark_group("load");
     load.sample_size(10);
-    load.bench_function("load_tiktoken", |b| {
-        b.iter(|| load_tiktoken(black_box(&model), Some(&config)).expect("load"))
-    });
+    load.bench_function("load_tiktoken", |b| b.iter(|| load_tiktoken(black_box(&model), Some(&config)).expect("load")));
     load.finish();
 
     let tokenizer = load_tiktoken(&model, Some(&config)).expect("load");
@@ -40,17 +36,11 @@ fn bench(c: &mut Criterion) {
     let mut encode = c.benchmark_group("encode");
     encode.throughput(Throughput::Bytes(text.len() as u64));
     encode.bench_function("mixed_corpus", |b| {
-        b.iter(|| {
-            tokenizer
-                .encode(black_box(text.as_str()), false)
-                .expect("encode")
-        })
+        b.iter(|| tokenizer.encode(black_box(text.as_str()), false).expect("encode"))
     });
     // Reference point: the tiktoken crate on the same text (same ids, different engine).
     let oracle = tiktoken::get_encoding("glm4").expect("tiktoken glm4 encoding");
-    encode.bench_function("mixed_corpus_tiktoken_crate", |b| {
-        b.iter(|| oracle.encode(black_box(text.as_str())))
-    });
+    encode.bench_function("mixed_corpus_tiktoken_crate", |b| b.iter(|| oracle.encode(black_box(text.as_str()))));
     encode.finish();
 }
 

@@ -5,15 +5,17 @@
 //! `report` renders.
 
 pub mod adapter;
-pub mod data;
+pub mod baseline;
 pub mod checks;
+pub mod compare;
+pub mod data;
+pub mod device;
 pub mod finding;
 pub mod model;
-pub mod score;
-pub mod tokenizer;
-pub mod device;
 pub mod pipeline;
-pub mod report;
-pub mod suite;
-pub mod verdict;
 pub mod preflight;
+pub mod report;
+pub mod score;
+pub mod suite;
+pub mod tokenizer;
+pub mod verdict;

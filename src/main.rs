@@ -28,6 +28,17 @@ enum Command {
     Check(VerifyArgs),
     /// Show which tokens of a few rows are trained, and the length table.
     InspectData(InspectArgs),
+    /// Score every checkpoint-N of a training output directory (or the adapters given) against one base load.
+    Compare(CompareArgs),
+}
+
+#[derive(Args)]
+struct CompareArgs {
+    /// A training output directory with checkpoint-N/ inside, or two or more adapter directories.
+    #[arg(required = true, value_name = "DIR")]
+    dirs: Vec<PathBuf>,
+    #[command(flatten)]
+    verify: VerifyArgs,
 }
 
 #[derive(Args, Clone)]
@@ -72,6 +83,9 @@ struct VerifyArgs {
     /// Write the report here (atomically) instead of stdout.
     #[arg(long, short = 'o', value_name = "FILE")]
     output: Option<PathBuf>,
+    /// A JSON report of an earlier run of the same suite and data: fail on a drop past the suite's tolerance.
+    #[arg(long, value_name = "FILE")]
+    baseline: Option<PathBuf>,
     /// No progress or notes on stderr.
     #[arg(long)]
     quiet: bool,
@@ -97,9 +111,12 @@ fn options(a: &VerifyArgs) -> anyhow::Result<Options> {
     };
     let batch_size = match a.batch_size.as_str() {
         "auto" => None,
-        n => Some(n.parse::<usize>().ok().filter(|n| *n > 0).ok_or_else(|| {
-            anyhow::anyhow!("--batch-size {n}: expected a positive number or auto")
-        })?),
+        n => Some(
+            n.parse::<usize>()
+                .ok()
+                .filter(|n| *n > 0)
+                .ok_or_else(|| anyhow::anyhow!("--batch-size {n}: expected a positive number or auto"))?,
+        ),
     };
     Ok(Options {
         adapters: a.adapters.clone(),
@@ -132,7 +149,14 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         None => {
             let a = cli.verify;
             let opts = options(&a)?;
-            let reports = pipeline::verify(&opts)?;
+            let mut reports = pipeline::verify(&opts)?;
+            if let Some(b) = &a.baseline {
+                if reports.len() != 1 {
+                    anyhow::bail!("--baseline compares one adapter's report; {} adapters were given", reports.len());
+                }
+                let base = glm4_verify::baseline::load(b, &reports[0])?;
+                glm4_verify::baseline::apply(&mut reports[0], &base, &opts.suite.regression);
+            }
             if !a.quiet {
                 for r in &reports {
                     if let Some(n) = &r.adapter.note {
@@ -151,6 +175,18 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             emit(&text, a.output.as_ref())?;
             let errors = findings.iter().any(|f| f.severity == glm4_verify::finding::Severity::Error);
             Ok(if errors { ExitCode::from(1) } else { ExitCode::SUCCESS })
+        }
+        Some(Command::Compare(c)) => {
+            let opts = options(&c.verify)?;
+            let rep = glm4_verify::compare::compare(&c.dirs, &opts)?;
+            let text = match c.verify.format {
+                Format::Json => serde_json::to_string_pretty(&rep)? + "\n",
+                Format::Markdown => glm4_verify::compare::render_text(&rep, true),
+                Format::Junit => report::render(&rep.reports, Format::Junit, false)?,
+                Format::Text => glm4_verify::compare::render_text(&rep, false),
+            };
+            emit(&text, c.verify.output.as_ref())?;
+            Ok(if rep.any_passed() { ExitCode::SUCCESS } else { ExitCode::from(1) })
         }
         Some(Command::InspectData(a)) => {
             let color = std::io::stdout().is_terminal();

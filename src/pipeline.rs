@@ -104,7 +104,11 @@ pub fn resolve_adapter(dir: &Path) -> Result<AdapterInput> {
     let cps = checkpoints(dir);
     if let Some((n, last)) = cps.last() {
         if last.join("adapter_config.json").is_file() {
-            let note = format!("{} is a training output directory: using its highest checkpoint, checkpoint-{n} (of {})", dir.display(), cps.len());
+            let note = format!(
+                "{} is a training output directory: using its highest checkpoint, checkpoint-{n} (of {})",
+                dir.display(),
+                cps.len()
+            );
             return Ok(AdapterInput::Lora { dir: last.clone(), note: Some(note) });
         }
     }
@@ -245,7 +249,13 @@ struct Prepared {
 }
 
 /// Reads, checks, samples and encodes the data.
-fn prepare_data(tok: &GlmTokenizer, files: &[PathBuf], recipe: &Recipe, opts: &Options, findings: &mut Vec<Finding>) -> Result<Vec<Prepared>> {
+fn prepare_data(
+    tok: &GlmTokenizer,
+    files: &[PathBuf],
+    recipe: &Recipe,
+    opts: &Options,
+    findings: &mut Vec<Finding>,
+) -> Result<Vec<Prepared>> {
     let mut rows = Vec::new();
     for f in files {
         let (r, fs) = checks::data_format::scan_jsonl(f)?;
@@ -254,15 +264,21 @@ fn prepare_data(tok: &GlmTokenizer, files: &[PathBuf], recipe: &Recipe, opts: &O
         rows.extend(r);
     }
     if rows.is_empty() {
-        bail!("no usable rows in {}: see the data_format problems above, or run `glm4-verify check`", files.iter().map(|f| f.display().to_string()).collect::<Vec<_>>().join(", "));
+        bail!(
+            "no usable rows in {}: see the data_format problems above, or run `glm4-verify check`",
+            files.iter().map(|f| f.display().to_string()).collect::<Vec<_>>().join(", ")
+        );
     }
     // Replay the recipe on every row (label checks want all of them), then sample.
     let mut prepared = Vec::new();
     for row in rows {
-        let Some((prompt, answer)) = prompt_and_answer(tok, &row.messages).with_context(|| format!("{}:{}", row.source.display(), row.line))? else {
+        let Some((prompt, answer)) =
+            prompt_and_answer(tok, &row.messages).with_context(|| format!("{}:{}", row.source.display(), row.line))?
+        else {
             continue; // no assistant turn: reported by data_format
         };
-        let encoded = encode(tok, &row.messages, recipe).with_context(|| format!("{}:{}", row.source.display(), row.line))?;
+        let encoded =
+            encode(tok, &row.messages, recipe).with_context(|| format!("{}:{}", row.source.display(), row.line))?;
         prepared.push(Prepared { row, encoded, prompt, answer });
     }
     let sources: Vec<String> = prepared.iter().map(|p| p.row.source.display().to_string()).collect();
@@ -311,9 +327,8 @@ pub fn verify(opts: &Options) -> Result<Vec<Report>> {
     let dev = device::select(&opts.device)?;
     let dinfo = device::info(&dev);
     let dtype = device::dtype(&opts.dtype, &dinfo)?;
-    let tok = GlmTokenizer::from_dir(&base_dir).or_else(|e| {
-        first_lora.as_deref().map(GlmTokenizer::from_dir).unwrap_or(Err(e))
-    })?;
+    let tok = GlmTokenizer::from_dir(&base_dir)
+        .or_else(|e| first_lora.as_deref().map(GlmTokenizer::from_dir).unwrap_or(Err(e)))?;
     let config = opts.config.clone().or(opts.suite.config.clone());
     let recipe = match &config {
         Some(c) => Recipe::from_file(c)?,
@@ -348,7 +363,9 @@ pub fn verify(opts: &Options) -> Result<Vec<Report>> {
                 let mut fs = checks::adapter::check_files(&a, &m, &base.cfg)?;
                 let (_, eff) = checks::adapter::check_effect(&checks::adapter::weight_from_model(&base), &m)?;
                 fs.extend(eff);
-                if let Some(ts) = checks::train::find_trainer_state(dir).or_else(|| dir.parent().and_then(checks::train::find_trainer_state)) {
+                if let Some(ts) = checks::train::find_trainer_state(dir)
+                    .or_else(|| dir.parent().and_then(checks::train::find_trainer_state))
+                {
                     match checks::train::check_trainer_state(&ts) {
                         Ok(f) => fs.extend(f),
                         Err(e) => fs.push(Finding::warning("train_state_unreadable", format!("{e:#}"))),
@@ -381,7 +398,8 @@ pub fn verify(opts: &Options) -> Result<Vec<Report>> {
     let mut load_s = t_load.elapsed().as_secs_f64();
 
     let lim = limits(opts, &dev);
-    let items: Vec<(Vec<u32>, Vec<i64>)> = prepared.iter().map(|p| (p.encoded.input_ids.clone(), p.encoded.labels.clone())).collect();
+    let items: Vec<(Vec<u32>, Vec<i64>)> =
+        prepared.iter().map(|p| (p.encoded.input_ids.clone(), p.encoded.labels.clone())).collect();
     let prompts: Vec<Vec<u32>> = prepared.iter().map(|p| p.prompt.clone()).collect();
     let max_new: Vec<usize> = prepared
         .iter()
@@ -447,7 +465,8 @@ pub fn verify(opts: &Options) -> Result<Vec<Report>> {
             .iter()
             .enumerate()
             .map(|(i, p)| {
-                let targets: Vec<u32> = p.encoded.labels.iter().skip(1).filter(|&&l| l != IGNORE).map(|&l| l as u32).collect();
+                let targets: Vec<u32> =
+                    p.encoded.labels.iter().skip(1).filter(|&&l| l != IGNORE).map(|&l| l as u32).collect();
                 Measured {
                     source: p.row.source.display().to_string(),
                     line: p.row.line,

@@ -85,7 +85,9 @@ fn tag(dir: &Path, fs: Vec<Finding>) -> Vec<Finding> {
 
 pub fn render(findings: &[Finding], format: Format) -> Result<String> {
     Ok(match format {
-        Format::Json => serde_json::to_string_pretty(&serde_json::json!({"schema_version": 1, "findings": findings}))? + "\n",
+        Format::Json => {
+            serde_json::to_string_pretty(&serde_json::json!({"schema_version": 1, "findings": findings}))? + "\n"
+        }
         _ => {
             let mut o = String::new();
             let errors = findings.iter().filter(|f| f.severity == Severity::Error).count();

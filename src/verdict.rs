@@ -5,8 +5,13 @@ use crate::report::{Summary, Verdict};
 use crate::suite::Gates;
 
 /// Error findings that explain an adapter with no effect, most telling first.
-const NO_EFFECT_CAUSES: [&str; 5] =
-    ["adapter_keys_unmatched", "adapter_lora_b_zero", "adapter_nonfinite", "adapter_shape_mismatch", "adapter_merge_vanishes"];
+const NO_EFFECT_CAUSES: [&str; 5] = [
+    "adapter_keys_unmatched",
+    "adapter_lora_b_zero",
+    "adapter_nonfinite",
+    "adapter_shape_mismatch",
+    "adapter_merge_vanishes",
+];
 /// Error findings that explain an adapter that learned the wrong thing or too little.
 const FAIL_CAUSES: [&str; 8] = [
     "data_labels_truncated",

@@ -21,7 +21,8 @@ fn f(p: &str) -> String {
 fn edited_adapter(dir: &Path, edit: impl Fn(&str, Tensor) -> Option<(String, Tensor)>) {
     std::fs::create_dir_all(dir).unwrap();
     std::fs::copy(fixtures().join("adapters/good/adapter_config.json"), dir.join("adapter_config.json")).unwrap();
-    let t = candle_core::safetensors::load(fixtures().join("adapters/good/adapter_model.safetensors"), &Device::Cpu).unwrap();
+    let t = candle_core::safetensors::load(fixtures().join("adapters/good/adapter_model.safetensors"), &Device::Cpu)
+        .unwrap();
     let out: HashMap<String, Tensor> = t.into_iter().filter_map(|(k, v)| edit(&k, v)).collect();
     candle_core::safetensors::save(&out, dir.join("adapter_model.safetensors")).unwrap();
 }
@@ -48,7 +49,10 @@ fn fixture_adapters_yield_their_findings_without_a_model_run() {
     let k = finding(&v, "adapter_keys_unmatched").unwrap();
     assert_eq!(k["evidence"]["matched_modules"], 0);
     assert_eq!(k["evidence"]["unmatched_tensors"], 24);
-    assert!(k["message"].as_str().unwrap().contains("query_key_value") || k["message"].as_str().unwrap().contains("ChatGLM"));
+    assert!(
+        k["message"].as_str().unwrap().contains("query_key_value")
+            || k["message"].as_str().unwrap().contains("ChatGLM")
+    );
     let (_, v, _) = check_json(&["--adapter", &f("adapters/tiny-delta"), "--base", &base]);
     let m = finding(&v, "adapter_merge_vanishes").unwrap();
     assert!(m["evidence"]["median_relative_norm"].as_f64().unwrap() < 1e-3);
@@ -64,7 +68,8 @@ fn fixture_adapters_yield_their_findings_without_a_model_run() {
     ]);
     assert_eq!(finding(&v, "data_labels_truncated").unwrap()["evidence"]["rows_truncated"], 24);
     assert_eq!(finding(&v, "data_no_labels").unwrap()["evidence"]["rows"], 16);
-    let (code, v, _) = check_json(&["--adapter", &f("adapters/good"), "--base", &base, "--data", &f("data/train.jsonl")]);
+    let (code, v, _) =
+        check_json(&["--adapter", &f("adapters/good"), "--base", &base, "--data", &f("data/train.jsonl")]);
     assert_eq!(code, 0, "{v}");
 }
 
@@ -127,12 +132,21 @@ fn shape_mismatch_and_empty_adapter_file() {
 fn trainer_state_problems_are_found_next_to_the_adapter() {
     let tmp = tempfile::tempdir().unwrap();
     for (name, log, code) in [
-        ("gradzero", r#"[{"step":1,"loss":2.0,"grad_norm":0.0,"learning_rate":0.001},{"step":2,"loss":2.0,"grad_norm":0.0,"learning_rate":0.001}]"#, "train_grad_norm_zero"),
-        ("nanloss", r#"[{"step":1,"loss":2.0,"grad_norm":1.0,"learning_rate":0.001},{"step":2,"loss":NaN,"grad_norm":NaN,"learning_rate":0.001}]"#, "train_loss_nonfinite"),
+        (
+            "gradzero",
+            r#"[{"step":1,"loss":2.0,"grad_norm":0.0,"learning_rate":0.001},{"step":2,"loss":2.0,"grad_norm":0.0,"learning_rate":0.001}]"#,
+            "train_grad_norm_zero",
+        ),
+        (
+            "nanloss",
+            r#"[{"step":1,"loss":2.0,"grad_norm":1.0,"learning_rate":0.001},{"step":2,"loss":NaN,"grad_norm":NaN,"learning_rate":0.001}]"#,
+            "train_loss_nonfinite",
+        ),
     ] {
         let dir = tmp.path().join(name);
         edited_adapter(&dir, |k, t| Some((k.to_string(), t)));
-        std::fs::write(dir.join("trainer_state.json"), format!(r#"{{"global_step": 2, "log_history": {log}}}"#)).unwrap();
+        std::fs::write(dir.join("trainer_state.json"), format!(r#"{{"global_step": 2, "log_history": {log}}}"#))
+            .unwrap();
         let (exit, v, _) = check_json(&["--adapter", dir.to_str().unwrap(), "--base", &f("base")]);
         assert_eq!(exit, 1, "{name}");
         assert!(finding(&v, code).is_some(), "{name}: {v}");
@@ -155,7 +169,8 @@ fn data_format_errors_have_line_numbers() {
         r#"{"messages": [{"role": "system", "content": "a"}, {"role": "system", "content": "b"}, {"role": "user", "content": "q"}, {"role": "assistant", "content": "y"}]}"#,
     ];
     std::fs::write(&p, lines.join("\n") + "\n").unwrap();
-    let (code, v, err) = check_json(&["--adapter", &f("adapters/good"), "--base", &f("base"), "--data", p.to_str().unwrap()]);
+    let (code, v, err) =
+        check_json(&["--adapter", &f("adapters/good"), "--base", &f("base"), "--data", p.to_str().unwrap()]);
     assert_eq!(code, 1, "{err}");
     let probs: Vec<(String, Vec<u64>)> = v["findings"]
         .as_array()
@@ -178,7 +193,17 @@ fn data_format_errors_have_line_numbers() {
 #[test]
 fn inspect_data_shows_trained_tokens_and_lengths() {
     let out = bin()
-        .args(["inspect-data", "--data", &f("data/train.jsonl"), "--config", &f("lora-truncated.yaml"), "--tokenizer", &f("base"), "--rows", "2"])
+        .args([
+            "inspect-data",
+            "--data",
+            &f("data/train.jsonl"),
+            "--config",
+            &f("lora-truncated.yaml"),
+            "--tokenizer",
+            &f("base"),
+            "--rows",
+            "2",
+        ])
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(0));
@@ -186,7 +211,17 @@ fn inspect_data_shows_trained_tokens_and_lengths() {
     assert!(s.contains("line 1: 10 tokens, 0 trained (15 of 15 cut by max length)"), "{s}");
     assert!(s.contains("token lengths") && s.contains("data_labels_truncated"), "{s}");
     let out = bin()
-        .args(["inspect-data", "--data", &f("data/train.jsonl"), "--config", &f("lora.yaml"), "--tokenizer", &f("base"), "--rows", "1"])
+        .args([
+            "inspect-data",
+            "--data",
+            &f("data/train.jsonl"),
+            "--config",
+            &f("lora.yaml"),
+            "--tokenizer",
+            &f("base"),
+            "--rows",
+            "1",
+        ])
         .output()
         .unwrap();
     let s = String::from_utf8_lossy(&out.stdout);

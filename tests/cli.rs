@@ -14,7 +14,11 @@ fn bin() -> Command {
 /// Runs the verifier; returns (exit code, stdout, stderr).
 fn run(args: &[&str]) -> (i32, String, String) {
     let out = bin().args(args).output().expect("runs");
-    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into(), String::from_utf8_lossy(&out.stderr).into())
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into(),
+        String::from_utf8_lossy(&out.stderr).into(),
+    )
 }
 
 fn f(p: &str) -> String {
@@ -132,7 +136,8 @@ fn base_is_found_from_adapter_config_local_path_and_hf_cache() {
     let a = tmp.path().join("local");
     copy_dir(&fixtures().join("adapters/good"), &a);
     with_base(&a, &f("base"));
-    let (code, out, err) = run(&["--adapter", a.to_str().unwrap(), "--data", &data, "--device", "cpu", "--format", "json"]);
+    let (code, out, err) =
+        run(&["--adapter", a.to_str().unwrap(), "--data", &data, "--device", "cpu", "--format", "json"]);
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("\"verdict\": \"pass\""));
     // A Hugging Face id inside a temporary cache layout.
@@ -162,7 +167,10 @@ fn base_is_found_from_adapter_config_local_path_and_hf_cache() {
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2));
-    assert!(err.contains("tried") && err.contains("models--nobody--no-such-model") || err.contains("Hugging Face cache"), "{err}");
+    assert!(
+        err.contains("tried") && err.contains("models--nobody--no-such-model") || err.contains("Hugging Face cache"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -170,8 +178,16 @@ fn training_output_directory_uses_the_highest_checkpoint() {
     let tmp = tempfile::tempdir().unwrap();
     copy_dir(&fixtures().join("adapters/untrained"), &tmp.path().join("checkpoint-100"));
     copy_dir(&fixtures().join("adapters/good"), &tmp.path().join("checkpoint-300"));
-    let (code, out, err) =
-        run(&["--adapter", tmp.path().to_str().unwrap(), "--base", &f("base"), "--data", &f("data/train.jsonl"), "--device", "cpu"]);
+    let (code, out, err) = run(&[
+        "--adapter",
+        tmp.path().to_str().unwrap(),
+        "--base",
+        &f("base"),
+        "--data",
+        &f("data/train.jsonl"),
+        "--device",
+        "cpu",
+    ]);
     assert_eq!(code, 0, "{err}");
     assert!(err.contains("checkpoint-300") && out.contains("PASS"), "{err}\n{out}");
 }
@@ -180,15 +196,24 @@ fn training_output_directory_uses_the_highest_checkpoint() {
 fn every_report_format_is_produced() {
     let tmp = tempfile::tempdir().unwrap();
     let (a, b, d) = (f("adapters/untrained"), f("base"), f("data/train.jsonl"));
-    for (fmt, check) in [
-        ("text", "NO EFFECT"),
-        ("markdown", "**no_effect**"),
-        ("junit", "<testsuites"),
-        ("json", "\"no_effect\""),
-    ] {
+    for (fmt, check) in
+        [("text", "NO EFFECT"), ("markdown", "**no_effect**"), ("junit", "<testsuites"), ("json", "\"no_effect\"")]
+    {
         let out: PathBuf = tmp.path().join(format!("report.{fmt}"));
-        let (code, stdout, err) =
-            run(&["--adapter", &a, "--base", &b, "--data", &d, "--device", "cpu", "--format", fmt, "-o", out.to_str().unwrap()]);
+        let (code, stdout, err) = run(&[
+            "--adapter",
+            &a,
+            "--base",
+            &b,
+            "--data",
+            &d,
+            "--device",
+            "cpu",
+            "--format",
+            fmt,
+            "-o",
+            out.to_str().unwrap(),
+        ]);
         assert_eq!(code, 1, "{fmt}: {err}");
         assert!(stdout.is_empty());
         let text = std::fs::read_to_string(&out).unwrap();
@@ -208,9 +233,34 @@ fn bad_input_exits_2_with_a_clear_message() {
     std::fs::write(&bad, "{not json\n").unwrap();
     let cases: Vec<(Vec<String>, &str)> = vec![
         (vec!["--adapter".into(), "/no/such/dir".into()], "no such directory"),
-        (vec!["--adapter".into(), f("adapters/good"), "--base".into(), f("base"), "--data".into(), bad.display().to_string()], "no usable rows"),
-        (vec!["--adapter".into(), f("adapters/good"), "--base".into(), f("base"), "--data".into(), f("data/train.jsonl"), "--device".into(), "cuda".into()], "without CUDA"),
-        (vec!["--adapter".into(), f("adapters/good"), "--data".into(), f("data/train.jsonl")], "base_model_name_or_path"),
+        (
+            vec![
+                "--adapter".into(),
+                f("adapters/good"),
+                "--base".into(),
+                f("base"),
+                "--data".into(),
+                bad.display().to_string(),
+            ],
+            "no usable rows",
+        ),
+        (
+            vec![
+                "--adapter".into(),
+                f("adapters/good"),
+                "--base".into(),
+                f("base"),
+                "--data".into(),
+                f("data/train.jsonl"),
+                "--device".into(),
+                "cuda".into(),
+            ],
+            "without CUDA",
+        ),
+        (
+            vec!["--adapter".into(), f("adapters/good"), "--data".into(), f("data/train.jsonl")],
+            "base_model_name_or_path",
+        ),
     ];
     for (args, msg) in cases {
         let out = bin().args(&args).output().unwrap();

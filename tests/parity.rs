@@ -24,12 +24,7 @@ fn adapter_deltas(model: &Glm, name: &str) -> Vec<(usize, model::Target, glm4_ve
 
 /// Training items of both splits in reference order (train then dev), as (input_ids, labels).
 fn items(refj: &serde_json::Value) -> Vec<(Vec<u32>, Vec<i64>)> {
-    refj["samples"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|s| (ids(&s["train_input_ids"]), i64s(&s["train_labels"])))
-        .collect()
+    refj["samples"].as_array().unwrap().iter().map(|s| (ids(&s["train_input_ids"]), i64s(&s["train_labels"]))).collect()
 }
 
 fn check_variant(refj: &serde_json::Value, name: &str, got_lp: &[Vec<f32>], got_gen: &[Vec<u32>]) {
@@ -47,7 +42,10 @@ fn check_variant(refj: &serde_json::Value, name: &str, got_lp: &[Vec<f32>], got_
     eprintln!("{name}: worst relative error of per-sample sums {worst:e}");
 }
 
-fn run_variants(model: &Glm, refj: &serde_json::Value, variants: &[Variant]) -> (Vec<Vec<Vec<f32>>>, Vec<Vec<Vec<u32>>>) {
+/// [variant][sample][token]
+type PerVariant<T> = Vec<Vec<Vec<T>>>;
+
+fn run_variants(model: &Glm, refj: &serde_json::Value, variants: &[Variant]) -> (PerVariant<f32>, PerVariant<u32>) {
     let it = items(refj);
     let lp = score_targets(model, &it, variants, BatchLimits::default()).expect("scores");
     let prompts: Vec<Vec<u32>> = refj["samples"].as_array().unwrap().iter().map(|s| ids(&s["prompt_ids"])).collect();
@@ -140,7 +138,11 @@ fn merged_and_unmerged_agree_in_f32_and_bf16_merge_difference_is_measured() {
     let sb = sum(&score_targets(&bf16, &it, &[None], BatchLimits::default()).unwrap().remove(0));
     let n = it.iter().map(|(_, l)| l.iter().filter(|&&x| x != -100).count()).sum::<usize>() as f64;
     let diff = (sb - su).abs() / n;
-    eprintln!("bf16 merge changes mean log p per token by {diff:.2e} (f32 unmerged {:.4}, bf16 merged {:.4})", su / n, sb / n);
+    eprintln!(
+        "bf16 merge changes mean log p per token by {diff:.2e} (f32 unmerged {:.4}, bf16 merged {:.4})",
+        su / n,
+        sb / n
+    );
     assert!(diff > 1e-6 && diff < 0.05, "bf16 merge difference per token {diff}");
 }
 

@@ -10,9 +10,7 @@ use tokenizers::Tokenizer;
 const N_RANKS: u32 = 151_329;
 
 fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("../shared/fixtures/glm4-tokenizer")
-        .join(name)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures/glm4-tokenizer").join(name)
 }
 
 /// Converted once per test binary: it is the expensive part.
@@ -20,11 +18,8 @@ fn hf() -> &'static Tokenizer {
     static TOKENIZER: OnceLock<Tokenizer> = OnceLock::new();
     TOKENIZER.get_or_init(|| {
         let start = std::time::Instant::now();
-        let tok = load_tiktoken(
-            &fixture("tokenizer.model"),
-            Some(&fixture("tokenizer_config.json")),
-        )
-        .expect("load glm4 tokenizer.model");
+        let tok = load_tiktoken(&fixture("tokenizer.model"), Some(&fixture("tokenizer_config.json")))
+            .expect("load glm4 tokenizer.model");
         eprintln!("load_tiktoken: {:?}", start.elapsed());
         tok
     })
@@ -96,9 +91,7 @@ fn corpus() -> Vec<String> {
     .map(|s| s.to_string())
     .collect();
     // Long runs stress the BPE merge order and the `\s+(?!\S)` lookahead.
-    for unit in [
-        "a", "哈", " ", "\n", "\r\n", "\t", "!", "😀", "ab", "0", "12", "的", " a", "  \n",
-    ] {
+    for unit in ["a", "哈", " ", "\n", "\r\n", "\t", "!", "😀", "ab", "0", "12", "的", " a", "  \n"] {
         for n in [2, 3, 17, 100, 513] {
             texts.push(unit.repeat(n));
         }
@@ -126,9 +119,8 @@ fn base64_decode_lines() -> Vec<Vec<u8>> {
     let mut tokens = vec![Vec::new(); N_RANKS as usize];
     for line in text.lines() {
         let (b64, rank) = line.split_once(' ').expect("two fields");
-        tokens[rank.parse::<usize>().expect("rank")] = base64::engine::general_purpose::STANDARD
-            .decode(b64)
-            .expect("base64");
+        tokens[rank.parse::<usize>().expect("rank")] =
+            base64::engine::general_purpose::STANDARD.decode(b64).expect("base64");
     }
     tokens
 }
@@ -140,9 +132,7 @@ fn corpus_ids_match_tiktoken() {
     for text in &corpus {
         let (got, want) = (hf_ids(text), oracle().encode(text));
         if got != want {
-            mismatches.push(format!(
-                "{text:?}\n  hf:       {got:?}\n  tiktoken: {want:?}"
-            ));
+            mismatches.push(format!("{text:?}\n  hf:       {got:?}\n  tiktoken: {want:?}"));
         }
     }
     eprintln!("{} corpus strings compared", corpus.len());
@@ -158,9 +148,7 @@ fn every_vocab_token_as_text_matches_tiktoken() {
         let text = String::from_utf8_lossy(&oracle().decode(&[rank])).into_owned();
         let (got, want) = (hf_ids(&text), oracle().encode(&text));
         if got != want {
-            mismatches.push(format!(
-                "rank {rank} {text:?}: hf {got:?} tiktoken {want:?}"
-            ));
+            mismatches.push(format!("rank {rank} {text:?}: hf {got:?} tiktoken {want:?}"));
         }
     }
     assert!(
@@ -177,9 +165,7 @@ fn random_token_concatenations_match_tiktoken() {
     // vocabulary entry covers, so BPE has to choose between competing merges.
     let mut state: u64 = 0x9E37_79B9_7F4A_7C15;
     let mut next = || {
-        state = state
-            .wrapping_mul(6_364_136_223_846_793_005)
-            .wrapping_add(1_442_695_040_888_963_407);
+        state = state.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
         (state >> 33) as u32
     };
     let mut mismatches = Vec::new();
@@ -206,10 +192,7 @@ fn readme_ids_from_python_tiktoken() {
         hf_ids("[gMASK]<sop><|user|>\nHi<|assistant|>\nHello"),
         [151331, 151333, 151336, 198, 13041, 151337, 198, 9703]
     );
-    assert_eq!(
-        hf_ids("测试 Hello world\r\n🙂"),
-        [100838, 21873, 1879, 319, 9281, 18504]
-    );
+    assert_eq!(hf_ids("测试 Hello world\r\n🙂"), [100838, 21873, 1879, 319, 9281, 18504]);
 }
 
 #[test]
@@ -228,13 +211,10 @@ fn decode_round_trips() {
 fn special_tokens_have_glm4_ids() {
     let tok = hf();
     assert_eq!(tok.get_vocab_size(true), N_RANKS as usize + 14);
-    let config: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(fixture("tokenizer_config.json")).expect("read config"),
-    )
-    .expect("parse config");
-    let decoder = config["added_tokens_decoder"]
-        .as_object()
-        .expect("added_tokens_decoder");
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture("tokenizer_config.json")).expect("read config"))
+            .expect("parse config");
+    let decoder = config["added_tokens_decoder"].as_object().expect("added_tokens_decoder");
     assert_eq!(decoder.len(), GLM4_SPECIAL_TOKENS.len());
 
     // Without a config the built-in list must give the same ids.
@@ -250,8 +230,5 @@ fn special_tokens_have_glm4_ids() {
         assert_eq!(hf_ids(&text), oracle().encode_with_special_tokens(&text));
         assert_eq!(hf_ids(&text)[1], id);
     }
-    assert!(tok
-        .get_added_tokens_decoder()
-        .values()
-        .all(|t| t.special && !t.normalized));
+    assert!(tok.get_added_tokens_decoder().values().all(|t| t.special && !t.normalized));
 }

@@ -64,7 +64,10 @@ impl AdapterConfig {
             let mut out = BTreeMap::new();
             if let Some(obj) = v.get(key).and_then(|o| o.as_object()) {
                 for (k, x) in obj {
-                    let n = x.as_u64().filter(|n| *n > 0).ok_or_else(|| anyhow!("{key}[{k:?}] must be a positive integer"))?;
+                    let n = x
+                        .as_u64()
+                        .filter(|n| *n > 0)
+                        .ok_or_else(|| anyhow!("{key}[{k:?}] must be a positive integer"))?;
                     out.insert(k.clone(), n as usize);
                 }
             }
@@ -73,7 +76,8 @@ impl AdapterConfig {
         let mut alpha_pattern = BTreeMap::new();
         if let Some(obj) = v.get("alpha_pattern").and_then(|o| o.as_object()) {
             for (k, x) in obj {
-                alpha_pattern.insert(k.clone(), x.as_f64().ok_or_else(|| anyhow!("alpha_pattern[{k:?}] must be a number"))?);
+                alpha_pattern
+                    .insert(k.clone(), x.as_f64().ok_or_else(|| anyhow!("alpha_pattern[{k:?}] must be a number"))?);
             }
         }
         let (target_modules, target_regex) = match v.get("target_modules") {
@@ -110,9 +114,7 @@ impl AdapterConfig {
     fn pattern<'a, T>(map: &'a BTreeMap<String, T>, module: &str) -> Option<&'a T> {
         let mut keys: Vec<&String> = map.keys().collect();
         keys.sort_by_key(|k| std::cmp::Reverse(k.len()));
-        keys.into_iter()
-            .find(|k| module == k.as_str() || module.ends_with(&format!(".{k}")))
-            .and_then(|k| map.get(k))
+        keys.into_iter().find(|k| module == k.as_str() || module.ends_with(&format!(".{k}"))).and_then(|k| map.get(k))
     }
 
     pub fn rank_for(&self, module: &str) -> usize {
@@ -127,7 +129,11 @@ impl AdapterConfig {
     pub fn scaling_for(&self, module: &str) -> f64 {
         let r = self.rank_for(module) as f64;
         let a = self.alpha_for(module);
-        if self.use_rslora { a / r.sqrt() } else { a / r }
+        if self.use_rslora {
+            a / r.sqrt()
+        } else {
+            a / r
+        }
     }
 
     pub fn scaling(&self) -> f64 {
@@ -294,9 +300,8 @@ fn read_safetensors_file(path: &Path) -> Result<Vec<(String, Tensor)>> {
 /// `base_model.model.` prefix or the adapter name (older PEFT), and a doubled prefix.
 pub fn split_lora_key(key: &str) -> Option<(String, char, String)> {
     let key = key.strip_suffix(".weight")?;
-    let (pos, ab) = [(".lora_A", 'A'), (".lora_B", 'B')]
-        .iter()
-        .find_map(|(pat, ab)| key.rfind(pat).map(|p| (p, *ab)))?;
+    let (pos, ab) =
+        [(".lora_A", 'A'), (".lora_B", 'B')].iter().find_map(|(pat, ab)| key.rfind(pat).map(|p| (p, *ab)))?;
     let module = &key[..pos];
     let rest = &key[pos + ".lora_A".len()..];
     let name = rest.strip_prefix('.').unwrap_or("default");
@@ -324,7 +329,8 @@ pub struct Matched {
 /// Matches pairs to base modules by name and checks their shapes.
 pub fn match_to_base(adapter: &Adapter, cfg: &ModelConfig) -> Result<Matched> {
     let slots = base_modules(cfg);
-    let mut out = Matched { deltas: vec![], matched_modules: vec![], unmatched_modules: vec![], shape_mismatch: vec![] };
+    let mut out =
+        Matched { deltas: vec![], matched_modules: vec![], unmatched_modules: vec![], shape_mismatch: vec![] };
     for p in &adapter.pairs {
         let Some(slot) = slots.get(&p.module) else {
             out.unmatched_modules.push(p.module.clone());
@@ -358,7 +364,12 @@ pub fn match_to_base(adapter: &Adapter, cfg: &ModelConfig) -> Result<Matched> {
         out.deltas.push((
             slot.layer,
             slot.target,
-            LoraDelta { out_start: slot.out_start, a: p.a.clone(), b: p.b.clone(), scale: adapter.config.scaling_for(&p.module) },
+            LoraDelta {
+                out_start: slot.out_start,
+                a: p.a.clone(),
+                b: p.b.clone(),
+                scale: adapter.config.scaling_for(&p.module),
+            },
         ));
     }
     Ok(out)

@@ -70,7 +70,11 @@ pub fn check_files(adapter: &Adapter, matched: &Matched, base: &ModelConfig) -> 
         out.push(
             Finding::error(
                 "adapter_shape_mismatch",
-                format!("{} LoRA tensors have no partner (lora_A without lora_B or the reverse), e.g. {}", adapter.unpaired.len(), adapter.unpaired[0]),
+                format!(
+                    "{} LoRA tensors have no partner (lora_A without lora_B or the reverse), e.g. {}",
+                    adapter.unpaired.len(),
+                    adapter.unpaired[0]
+                ),
             )
             .with_evidence(json!({"tensors": first(&adapter.unpaired, 20)})),
         );
@@ -86,7 +90,11 @@ pub fn check_files(adapter: &Adapter, matched: &Matched, base: &ModelConfig) -> 
             nb,
             2 * n,
         );
-        let f = if severity_all { Finding::error("adapter_keys_unmatched", msg) } else { Finding::warning("adapter_keys_unmatched", msg) };
+        let f = if severity_all {
+            Finding::error("adapter_keys_unmatched", msg)
+        } else {
+            Finding::warning("adapter_keys_unmatched", msg)
+        };
         out.push(f.with_evidence(json!({
             "matched_modules": matched.matched_modules.len(),
             "unmatched_modules": n,
@@ -160,7 +168,10 @@ fn unmatched_reason(unmatched: &[String], base: &ModelConfig, non_default: &[&St
         return format!("the adapter uses ChatGLM names (e.g. {}), {base_desc}; use the adapter with the base it was trained on (glm-4-9b-chat), or retrain on this one", unmatched[0]);
     }
     if base.layout == Layout::Chatglm && has(&hf_names) {
-        return format!("the adapter uses -hf names (e.g. {}), {base_desc}; use the -hf base the adapter was trained on", unmatched[0]);
+        return format!(
+            "the adapter uses -hf names (e.g. {}), {base_desc}; use the -hf base the adapter was trained on",
+            unmatched[0]
+        );
     }
     if unmatched.iter().any(|m| m.starts_with("model.model.") || m.starts_with("base_model.")) {
         return format!("a doubled model prefix (e.g. {}): the adapter was saved from a wrapped model", unmatched[0]);
@@ -168,11 +179,14 @@ fn unmatched_reason(unmatched: &[String], base: &ModelConfig, non_default: &[&St
     if let Some(n) = non_default.first() {
         return format!("keys carry adapter name {n:?} and do not name base modules (e.g. {})", unmatched[0]);
     }
-    let layer_out = unmatched.iter().any(|m| {
-        m.split('.').find_map(|p| p.parse::<usize>().ok()).is_some_and(|l| l >= base.num_layers)
-    });
+    let layer_out = unmatched
+        .iter()
+        .any(|m| m.split('.').find_map(|p| p.parse::<usize>().ok()).is_some_and(|l| l >= base.num_layers));
     if layer_out {
-        return format!("layer indices past the base's {} layers (e.g. {}): the adapter is for a larger model", base.num_layers, unmatched[0]);
+        return format!(
+            "layer indices past the base's {} layers (e.g. {}): the adapter is for a larger model",
+            base.num_layers, unmatched[0]
+        );
     }
     let example = base_modules(base).keys().next().cloned().unwrap_or_default();
     format!("names like {} are not modules of this base (its modules look like {example})", unmatched[0])
@@ -247,8 +261,8 @@ pub fn check_effect(
 }
 
 fn all_finite(t: &Tensor) -> Result<bool> {
-    // NaN != NaN, and Inf - Inf = NaN: one pass catches both.
-    let d = (t - t)?;
+    // NaN != NaN, and Inf·0 = NaN: one pass catches both.
+    let d = (t * 0.0)?;
     Ok(d.eq(&d)?.to_dtype(DType::F32)?.min_all()?.to_scalar::<f32>()? == 1.0 || t.elem_count() == 0)
 }
 
@@ -276,12 +290,23 @@ pub fn weight_from_files<'a>(w: &'a Weights, cfg: &'a ModelConfig) -> impl Fn(us
         let dev = candle_core::Device::Cpu;
         let ld = |n: String| w.load(&n, DType::F32, &dev);
         Ok(match (cfg.layout, t) {
-            (Layout::Chatglm, Target::Qkv) => ld(format!("transformer.encoder.layers.{layer}.self_attention.query_key_value.weight"))?,
-            (Layout::Chatglm, Target::O) => ld(format!("transformer.encoder.layers.{layer}.self_attention.dense.weight"))?,
-            (Layout::Chatglm, Target::GateUp) => ld(format!("transformer.encoder.layers.{layer}.mlp.dense_h_to_4h.weight"))?,
-            (Layout::Chatglm, Target::Down) => ld(format!("transformer.encoder.layers.{layer}.mlp.dense_4h_to_h.weight"))?,
+            (Layout::Chatglm, Target::Qkv) => {
+                ld(format!("transformer.encoder.layers.{layer}.self_attention.query_key_value.weight"))?
+            }
+            (Layout::Chatglm, Target::O) => {
+                ld(format!("transformer.encoder.layers.{layer}.self_attention.dense.weight"))?
+            }
+            (Layout::Chatglm, Target::GateUp) => {
+                ld(format!("transformer.encoder.layers.{layer}.mlp.dense_h_to_4h.weight"))?
+            }
+            (Layout::Chatglm, Target::Down) => {
+                ld(format!("transformer.encoder.layers.{layer}.mlp.dense_4h_to_h.weight"))?
+            }
             (_, Target::Qkv) => Tensor::cat(
-                &["q", "k", "v"].map(|x| ld(format!("model.layers.{layer}.self_attn.{x}_proj.weight"))).into_iter().collect::<Result<Vec<_>>>()?,
+                &["q", "k", "v"]
+                    .map(|x| ld(format!("model.layers.{layer}.self_attn.{x}_proj.weight")))
+                    .into_iter()
+                    .collect::<Result<Vec<_>>>()?,
                 0,
             )?,
             (_, Target::O) => ld(format!("model.layers.{layer}.self_attn.o_proj.weight"))?,

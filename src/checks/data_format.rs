@@ -93,27 +93,17 @@ impl Problem {
             Problem::NoMessages => "no \"messages\" array (skipped)",
             Problem::MessagesNotArray => "\"messages\" is not an array (skipped)",
             Problem::BadRole => "a message without a string \"role\" (skipped)",
-            Problem::BadContent => {
-                "a message whose \"content\" is missing or not a string (skipped)"
-            }
+            Problem::BadContent => "a message whose \"content\" is missing or not a string (skipped)",
             Problem::Unusable => "unusable line (skipped)",
-            Problem::UnknownRole => {
-                "unknown role (GLM-4 renders it as plain text and finetune_demo trains on it)"
-            }
+            Problem::UnknownRole => "unknown role (GLM-4 renders it as plain text and finetune_demo trains on it)",
             Problem::NoAssistant => "no non-empty assistant turn, so nothing in the row is trained",
-            Problem::EmptyContent => {
-                "empty message (the GLM-4 chat template drops messages with empty content)"
-            }
-            Problem::ToolsNotOnSystem => {
-                "\"tools\" on a non-system message (finetune_demo deletes them there)"
-            }
+            Problem::EmptyContent => "empty message (the GLM-4 chat template drops messages with empty content)",
+            Problem::ToolsNotOnSystem => "\"tools\" on a non-system message (finetune_demo deletes them there)",
             Problem::SystemPlacement => "system message not first, or more than one",
             Problem::NotEndingWithAssistant => {
                 "conversation does not end with an assistant turn (the last turn trains nothing)"
             }
-            Problem::ByteOrderMark => {
-                "file starts with a UTF-8 byte order mark (some JSON loaders reject it)"
-            }
+            Problem::ByteOrderMark => "file starts with a UTF-8 byte order mark (some JSON loaders reject it)",
         }
     }
 
@@ -167,10 +157,7 @@ impl Groups {
 
     /// A problem of the whole file, with no line to point at.
     fn add_file(&mut self, file: &Path, problem: Problem) {
-        self.0
-            .entry((file.to_path_buf(), problem))
-            .or_default()
-            .count += 1;
+        self.0.entry((file.to_path_buf(), problem)).or_default().count += 1;
     }
 
     fn add_value(&mut self, file: &Path, problem: Problem, value: &str) {
@@ -182,10 +169,7 @@ impl Groups {
     }
 
     fn into_findings(self) -> Vec<Finding> {
-        self.0
-            .into_iter()
-            .map(|((file, problem), g)| finding(&file, problem, g))
-            .collect()
+        self.0.into_iter().map(|((file, problem), g)| finding(&file, problem, g)).collect()
     }
 }
 
@@ -194,24 +178,11 @@ fn finding(file: &Path, problem: Problem, g: Group) -> Finding {
         Some(l) => format!("{}:{l}", file.display()),
         None => file.display().to_string(),
     };
-    let example = if g.example.is_empty() {
-        String::new()
-    } else {
-        format!(": {}", g.example)
-    };
+    let example = if g.example.is_empty() { String::new() } else { format!(": {}", g.example) };
     let more = if g.count > 1 {
-        let shown: Vec<String> = g
-            .lines
-            .iter()
-            .take(MESSAGE_LINES)
-            .map(|l| l.to_string())
-            .collect();
+        let shown: Vec<String> = g.lines.iter().take(MESSAGE_LINES).map(|l| l.to_string()).collect();
         let ellipsis = if g.count > MESSAGE_LINES { ", ..." } else { "" };
-        format!(
-            " ({} lines in all: {}{ellipsis})",
-            g.count,
-            shown.join(", ")
-        )
+        format!(" ({} lines in all: {}{ellipsis})", g.count, shown.join(", "))
     } else {
         String::new()
     };
@@ -234,8 +205,7 @@ fn finding(file: &Path, problem: Problem, g: Group) -> Finding {
 /// as `data::read_jsonl` does. Content checks on the rows are `check_rows`'s job: callers run
 /// both. Errs only when the file cannot be read.
 pub fn scan_jsonl(path: &Path) -> Result<(Vec<Row>, Vec<Finding>)> {
-    let bytes =
-        std::fs::read(path).with_context(|| format!("cannot read data file {}", path.display()))?;
+    let bytes = std::fs::read(path).with_context(|| format!("cannot read data file {}", path.display()))?;
     let mut groups = Groups::default();
     let mut body = bytes.as_slice();
     // Editors on Windows add a BOM; the rest of the file is still fine, so strip and warn.
@@ -270,8 +240,7 @@ pub fn scan_jsonl(path: &Path) -> Result<(Vec<Row>, Vec<Finding>)> {
                 // parse_row's message starts with "file:line: "; the finding says where itself.
                 let msg = e.to_string();
                 let prefix = format!("{}:{line}: ", path.display());
-                let detail =
-                    hint.unwrap_or_else(|| msg.strip_prefix(&prefix).unwrap_or(&msg).to_string());
+                let detail = hint.unwrap_or_else(|| msg.strip_prefix(&prefix).unwrap_or(&msg).to_string());
                 groups.add(path, line, problem, || detail);
             }
         }
@@ -292,10 +261,7 @@ fn classify(raw: &str) -> (Problem, Option<String>) {
             let msg = e.to_string();
             let at = format!(" at line {} column {}", e.line(), e.column());
             let msg = msg.strip_suffix(&at).unwrap_or(&msg);
-            return (
-                Problem::InvalidJson,
-                Some(format!("{msg} at column {}", e.column())),
-            );
+            return (Problem::InvalidJson, Some(format!("{msg} at column {}", e.column())));
         }
     };
     let Some(msgs) = v.get("messages").or_else(|| v.get("conversations")) else {
@@ -309,10 +275,7 @@ fn classify(raw: &str) -> (Problem, Option<String>) {
     for (j, m) in arr.iter().enumerate() {
         if m.get("role").and_then(Value::as_str).is_none() {
             let hint = (m.get("from").is_some() || m.get("value").is_some()).then(|| {
-                format!(
-                    "message {} uses ShareGPT keys (\"from\"/\"value\") instead of \"role\"/\"content\"",
-                    j + 1
-                )
+                format!("message {} uses ShareGPT keys (\"from\"/\"value\") instead of \"role\"/\"content\"", j + 1)
             });
             return (Problem::BadRole, hint);
         }
@@ -332,55 +295,32 @@ pub fn check_rows(rows: &[Row]) -> Vec<Finding> {
         let msgs = &row.messages;
         let mut found: Vec<(Problem, String)> = Vec::new();
 
-        let unknown: Vec<usize> = (0..msgs.len())
-            .filter(|&j| !ROLES.contains(&msgs[j].role.as_str()))
-            .collect();
+        let unknown: Vec<usize> = (0..msgs.len()).filter(|&j| !ROLES.contains(&msgs[j].role.as_str())).collect();
         if let Some(&j) = unknown.first() {
-            found.push((
-                Problem::UnknownRole,
-                format!("message {} has role {:?}", j + 1, msgs[j].role),
-            ));
+            found.push((Problem::UnknownRole, format!("message {} has role {:?}", j + 1, msgs[j].role)));
         }
 
         // The template's `{% if item['content'] %}` drops only "", but whitespace trains nothing either.
         if let Some(j) = msgs.iter().position(|m| m.content.trim().is_empty()) {
-            found.push((
-                Problem::EmptyContent,
-                format!("message {} ({}) is empty", j + 1, msgs[j].role),
-            ));
+            found.push((Problem::EmptyContent, format!("message {} ({}) is empty", j + 1, msgs[j].role)));
         }
 
         // `tools: null` is as good as no tools.
-        let tools_at = msgs
-            .iter()
-            .position(|m| m.role != "system" && m.tools.as_ref().is_some_and(|t| !t.is_null()));
+        let tools_at = msgs.iter().position(|m| m.role != "system" && m.tools.as_ref().is_some_and(|t| !t.is_null()));
         if let Some(j) = tools_at {
-            found.push((
-                Problem::ToolsNotOnSystem,
-                format!("message {} ({}) has \"tools\"", j + 1, msgs[j].role),
-            ));
+            found.push((Problem::ToolsNotOnSystem, format!("message {} ({}) has \"tools\"", j + 1, msgs[j].role)));
         }
 
-        let systems: Vec<usize> = (0..msgs.len())
-            .filter(|&j| msgs[j].role == "system")
-            .collect();
+        let systems: Vec<usize> = (0..msgs.len()).filter(|&j| msgs[j].role == "system").collect();
         if systems.len() > 1 {
-            found.push((
-                Problem::SystemPlacement,
-                format!("{} system messages", systems.len()),
-            ));
+            found.push((Problem::SystemPlacement, format!("{} system messages", systems.len())));
         } else if let Some(&j) = systems.first().filter(|&&j| j > 0) {
-            found.push((
-                Problem::SystemPlacement,
-                format!("the system message is message {}", j + 1),
-            ));
+            found.push((Problem::SystemPlacement, format!("the system message is message {}", j + 1)));
         }
 
         // An assistant turn with empty content supervises nothing, so it does not count.
         let has_assistant = msgs.iter().any(|m| m.role == "assistant");
-        let trains = msgs
-            .iter()
-            .any(|m| m.role == "assistant" && !m.content.trim().is_empty());
+        let trains = msgs.iter().any(|m| m.role == "assistant" && !m.content.trim().is_empty());
         if !trains {
             let detail = if msgs.is_empty() {
                 "\"messages\" is empty"
@@ -392,10 +332,7 @@ pub fn check_rows(rows: &[Row]) -> Vec<Finding> {
             found.push((Problem::NoAssistant, detail.to_string()));
         } else if let Some(last) = msgs.last().filter(|m| m.role != "assistant") {
             // Only reported when the row trains at all: otherwise NoAssistant says it already.
-            found.push((
-                Problem::NotEndingWithAssistant,
-                format!("the last message is {:?}", last.role),
-            ));
+            found.push((Problem::NotEndingWithAssistant, format!("the last message is {:?}", last.role)));
         }
 
         for (problem, detail) in found {
@@ -421,12 +358,11 @@ mod tests {
     }
 
     fn by_problem<'a>(fs: &'a [Finding], key: &str) -> &'a Finding {
-        fs.iter()
-            .find(|f| f.evidence["problem"] == key)
-            .unwrap_or_else(|| panic!("no {key} finding in {fs:#?}"))
+        fs.iter().find(|f| f.evidence["problem"] == key).unwrap_or_else(|| panic!("no {key} finding in {fs:#?}"))
     }
 
-    const GOOD: &str = r#"{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}"#;
+    const GOOD: &str =
+        r#"{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}"#;
 
     #[test]
     fn good_file_has_no_findings() {
@@ -445,65 +381,35 @@ mod tests {
         let mut text = Vec::new();
         text.extend_from_slice(GOOD.as_bytes());
         text.extend_from_slice(b"\n{not json\n");
-        text.extend_from_slice(
-            b"{\"messages\": [{\"role\": \"user\", \"content\": \"\xff\xfe\"}]}\n",
-        );
+        text.extend_from_slice(b"{\"messages\": [{\"role\": \"user\", \"content\": \"\xff\xfe\"}]}\n");
         text.extend_from_slice(b"{\"instruction\": \"a\", \"output\": \"b\"}\n");
         text.extend_from_slice(b"{\"messages\": {\"role\": \"user\"}}\n");
-        text.extend_from_slice(
-            b"{\"conversations\": [{\"from\": \"human\", \"value\": \"hi\"}]}\n",
-        );
+        text.extend_from_slice(b"{\"conversations\": [{\"from\": \"human\", \"value\": \"hi\"}]}\n");
         text.extend_from_slice(b"{\"messages\": [{\"role\": \"user\", \"content\": [1]}]}\n");
         text.extend_from_slice(b"[1, 2\n");
         text.extend_from_slice(GOOD.as_bytes());
         let p = write(&dir, "mixed.jsonl", &text);
         let (rows, fs) = scan_jsonl(&p).unwrap();
         assert_eq!(rows.iter().map(|r| r.line).collect::<Vec<_>>(), vec![1, 9]);
-        assert!(fs
-            .iter()
-            .all(|f| f.code == CODE && f.severity == Severity::Error));
+        assert!(fs.iter().all(|f| f.code == CODE && f.severity == Severity::Error));
 
         let json = by_problem(&fs, "invalid_json");
         assert_eq!(json.evidence["lines"], json!([2, 8]));
         assert_eq!(json.evidence["count"], 2);
-        assert!(
-            json.message
-                .starts_with(&format!("{}:2: invalid JSON", p.display())),
-            "{}",
-            json.message
-        );
-        assert!(
-            json.message.contains("2 lines in all: 2, 8"),
-            "{}",
-            json.message
-        );
+        assert!(json.message.starts_with(&format!("{}:2: invalid JSON", p.display())), "{}", json.message);
+        assert!(json.message.contains("2 lines in all: 2, 8"), "{}", json.message);
 
         assert_eq!(json.evidence["example"], "key must be a string at column 2");
         let utf8 = by_problem(&fs, "not_utf8");
         assert_eq!(utf8.evidence["lines"], json!([3]));
-        assert!(
-            utf8.message.contains("byte 44 of the line"),
-            "{}",
-            utf8.message
-        );
+        assert!(utf8.message.contains("byte 44 of the line"), "{}", utf8.message);
         let alpaca = by_problem(&fs, "no_messages");
         assert!(alpaca.message.contains("Alpaca"), "{}", alpaca.message);
-        assert_eq!(
-            by_problem(&fs, "messages_not_array").evidence["lines"],
-            json!([5])
-        );
+        assert_eq!(by_problem(&fs, "messages_not_array").evidence["lines"], json!([5]));
         let sharegpt = by_problem(&fs, "missing_role");
-        assert!(
-            sharegpt.message.contains("ShareGPT"),
-            "{}",
-            sharegpt.message
-        );
+        assert!(sharegpt.message.contains("ShareGPT"), "{}", sharegpt.message);
         let content = by_problem(&fs, "bad_content");
-        assert!(
-            content.message.contains("non-string content"),
-            "{}",
-            content.message
-        );
+        assert!(content.message.contains("non-string content"), "{}", content.message);
         assert_eq!(fs.len(), 6);
     }
 
@@ -526,25 +432,11 @@ mod tests {
         let f = by_problem(&fs, "unknown_role");
         assert_eq!(f.severity, Severity::Error);
         assert_eq!(f.evidence["count"], 50_000);
-        assert_eq!(
-            f.evidence["lines"].as_array().unwrap().len(),
-            EVIDENCE_LINES
-        );
+        assert_eq!(f.evidence["lines"].as_array().unwrap().len(), EVIDENCE_LINES);
         assert_eq!(f.evidence["roles"], json!(["gpt", "human"]));
-        assert!(
-            f.message.len() < 400,
-            "message stays readable: {}",
-            f.message
-        );
-        assert!(
-            f.message.contains("50000 lines in all: 1, 3, 5, 7, 9, ..."),
-            "{}",
-            f.message
-        );
-        assert_eq!(
-            by_problem(&fs, "no_assistant_turn").evidence["count"],
-            50_000
-        );
+        assert!(f.message.len() < 400, "message stays readable: {}", f.message);
+        assert!(f.message.contains("50000 lines in all: 1, 3, 5, 7, 9, ..."), "{}", f.message);
+        assert_eq!(by_problem(&fs, "no_assistant_turn").evidence["count"], 50_000);
     }
 
     #[test]
@@ -572,48 +464,25 @@ mod tests {
         let fs = check_rows(&rows);
 
         let empty = by_problem(&fs, "empty_content");
-        assert_eq!(
-            (empty.severity, empty.evidence["lines"].clone()),
-            (Severity::Warning, json!([1]))
-        );
-        assert!(
-            empty.message.contains("message 2 (assistant) is empty"),
-            "{}",
-            empty.message
-        );
+        assert_eq!((empty.severity, empty.evidence["lines"].clone()), (Severity::Warning, json!([1])));
+        assert!(empty.message.contains("message 2 (assistant) is empty"), "{}", empty.message);
         let none = by_problem(&fs, "no_assistant_turn");
-        assert_eq!(
-            (none.severity, none.evidence["lines"].clone()),
-            (Severity::Error, json!([1, 6]))
-        );
+        assert_eq!((none.severity, none.evidence["lines"].clone()), (Severity::Error, json!([1, 6])));
         let tools = by_problem(&fs, "tools_not_on_system");
-        assert_eq!(
-            (tools.severity, tools.evidence["lines"].clone()),
-            (Severity::Warning, json!([2]))
-        );
+        assert_eq!((tools.severity, tools.evidence["lines"].clone()), (Severity::Warning, json!([2])));
         let sys = by_problem(&fs, "system_not_first");
         assert_eq!(sys.evidence["lines"], json!([3, 4]));
         assert_eq!(sys.evidence["file"], json!(p.display().to_string()));
         let last = by_problem(&fs, "not_ending_with_assistant");
-        assert_eq!(
-            (last.severity, last.evidence["lines"].clone()),
-            (Severity::Warning, json!([5]))
-        );
-        assert!(
-            last.message.starts_with(&format!("{}:5: ", p.display())),
-            "{}",
-            last.message
-        );
+        assert_eq!((last.severity, last.evidence["lines"].clone()), (Severity::Warning, json!([5])));
+        assert!(last.message.starts_with(&format!("{}:5: ", p.display())), "{}", last.message);
         assert_eq!(fs.len(), 5, "{fs:#?}");
     }
 
     #[test]
     fn empty_and_blank_files_give_one_finding() {
         let dir = tempfile::tempdir().unwrap();
-        for (name, body) in [
-            ("empty.jsonl", &b""[..]),
-            ("blank.jsonl", &b"\n  \n\r\n"[..]),
-        ] {
+        for (name, body) in [("empty.jsonl", &b""[..]), ("blank.jsonl", &b"\n  \n\r\n"[..])] {
             let p = write(&dir, name, body);
             let (rows, fs) = scan_jsonl(&p).unwrap();
             assert!(rows.is_empty());
@@ -621,9 +490,7 @@ mod tests {
             assert_eq!(fs[0].evidence["problem"], "empty_file");
             assert_eq!(fs[0].evidence["lines"], json!([]));
             assert_eq!(fs[0].severity, Severity::Error);
-            assert!(fs[0]
-                .message
-                .starts_with(&format!("{}: no rows", p.display())));
+            assert!(fs[0].message.starts_with(&format!("{}: no rows", p.display())));
         }
     }
 

@@ -27,10 +27,7 @@ pub struct DeviceInfo {
 impl DeviceInfo {
     /// True only when we know it lacks bf16: an unknown capability gives no finding.
     fn lacks_bf16(&self) -> bool {
-        self.is_cuda
-            && self
-                .compute_capability
-                .is_some_and(|cc| cc < BF16_MIN_CAPABILITY)
+        self.is_cuda && self.compute_capability.is_some_and(|cc| cc < BF16_MIN_CAPABILITY)
     }
 
     fn describe(&self) -> String {
@@ -43,11 +40,7 @@ impl DeviceInfo {
 
 /// Canonical dtype name, accepting the spellings of candle, PyTorch and HF configs.
 fn canonical_dtype(dtype: &str) -> Option<&'static str> {
-    match dtype
-        .trim()
-        .to_ascii_lowercase()
-        .trim_start_matches("torch.")
-    {
+    match dtype.trim().to_ascii_lowercase().trim_start_matches("torch.") {
         "bf16" | "bfloat16" => Some("bf16"),
         "f16" | "fp16" | "float16" | "half" => Some("f16"),
         "f32" | "fp32" | "float32" | "float" => Some("f32"),
@@ -80,11 +73,8 @@ pub fn check_precision(
         e["source"] = json!(source);
         e
     };
-    let mut findings = vec![Finding::info(
-        CODE_DEVICE,
-        format!("running on {} in {shown_dtype}", device.describe()),
-    )
-    .with_evidence(base_evidence.clone())];
+    let mut findings = vec![Finding::info(CODE_DEVICE, format!("running on {} in {shown_dtype}", device.describe()))
+        .with_evidence(base_evidence.clone())];
 
     if device.lacks_bf16() && dtype == Some("bf16") {
         findings.push(
@@ -144,10 +134,7 @@ pub fn check_precision(
 /// not a boolean.
 pub fn read_training_precision_from_yaml(v: &serde_yaml::Value) -> (Option<bool>, Option<bool>) {
     let flag = |key: &str| {
-        let value = v
-            .get("training_args")
-            .and_then(|t| t.get(key))
-            .or_else(|| v.get(key))?;
+        let value = v.get("training_args").and_then(|t| t.get(key)).or_else(|| v.get(key))?;
         match value {
             serde_yaml::Value::Bool(b) => Some(*b),
             serde_yaml::Value::String(s) => s.to_ascii_lowercase().parse().ok(),
@@ -163,11 +150,7 @@ mod tests {
     use crate::finding::Severity;
 
     fn gpu(name: &str, cc: (u32, u32)) -> DeviceInfo {
-        DeviceInfo {
-            name: name.to_string(),
-            compute_capability: Some(cc),
-            is_cuda: true,
-        }
+        DeviceInfo { name: name.to_string(), compute_capability: Some(cc), is_cuda: true }
     }
 
     fn summary(fs: &[Finding]) -> Vec<(&str, Severity)> {
@@ -177,20 +160,9 @@ mod tests {
     #[test]
     fn bf16_run_on_turing_is_an_error() {
         let fs = check_precision(&gpu("Tesla T4", (7, 5)), "bfloat16", None, None);
-        assert_eq!(
-            summary(&fs),
-            vec![
-                (CODE_DEVICE, Severity::Info),
-                (CODE_NO_BF16, Severity::Error)
-            ]
-        );
-        assert_eq!(
-            fs[0].message,
-            "running on Tesla T4 (compute capability 7.5) in bf16"
-        );
-        assert!(fs[1]
-            .message
-            .starts_with("Tesla T4 (compute capability 7.5) has no native bf16"));
+        assert_eq!(summary(&fs), vec![(CODE_DEVICE, Severity::Info), (CODE_NO_BF16, Severity::Error)]);
+        assert_eq!(fs[0].message, "running on Tesla T4 (compute capability 7.5) in bf16");
+        assert!(fs[1].message.starts_with("Tesla T4 (compute capability 7.5) has no native bf16"));
         assert_eq!(fs[1].evidence["source"], "run");
         assert_eq!(fs[1].evidence["compute_capability"], "7.5");
     }
@@ -198,13 +170,7 @@ mod tests {
     #[test]
     fn bf16_training_config_on_volta_is_a_warning() {
         let fs = check_precision(&gpu("Tesla V100", (7, 0)), "f32", Some(true), Some(false));
-        assert_eq!(
-            summary(&fs),
-            vec![
-                (CODE_DEVICE, Severity::Info),
-                (CODE_NO_BF16, Severity::Warning)
-            ]
-        );
+        assert_eq!(summary(&fs), vec![(CODE_DEVICE, Severity::Info), (CODE_NO_BF16, Severity::Warning)]);
         assert_eq!(fs[1].evidence["source"], "training_config");
     }
 
@@ -213,16 +179,8 @@ mod tests {
         for dev in [
             gpu("NVIDIA A100", (8, 0)),
             gpu("NVIDIA H100 80GB HBM3", (9, 0)),
-            DeviceInfo {
-                name: "cpu".into(),
-                compute_capability: None,
-                is_cuda: false,
-            },
-            DeviceInfo {
-                name: "cuda:0".into(),
-                compute_capability: None,
-                is_cuda: true,
-            },
+            DeviceInfo { name: "cpu".into(), compute_capability: None, is_cuda: false },
+            DeviceInfo { name: "cuda:0".into(), compute_capability: None, is_cuda: true },
         ] {
             let fs = check_precision(&dev, "bf16", Some(true), None);
             assert_eq!(summary(&fs), vec![(CODE_DEVICE, Severity::Info)], "{dev:?}");
@@ -231,19 +189,10 @@ mod tests {
 
     #[test]
     fn fp16_training_and_f16_run_are_warnings() {
-        let fs = check_precision(
-            &gpu("NVIDIA H100", (9, 0)),
-            "torch.float16",
-            Some(false),
-            Some(true),
-        );
+        let fs = check_precision(&gpu("NVIDIA H100", (9, 0)), "torch.float16", Some(false), Some(true));
         assert_eq!(
             summary(&fs),
-            vec![
-                (CODE_DEVICE, Severity::Info),
-                (CODE_FP16, Severity::Warning),
-                (CODE_FP16, Severity::Warning)
-            ]
+            vec![(CODE_DEVICE, Severity::Info), (CODE_FP16, Severity::Warning), (CODE_FP16, Severity::Warning)]
         );
         assert_eq!(fs[1].evidence["source"], "training_config");
         assert_eq!(fs[2].evidence["source"], "run");
@@ -261,26 +210,15 @@ mod tests {
     fn reads_precision_from_lora_yaml() {
         let yaml = |s: &str| -> serde_yaml::Value { serde_yaml::from_str(s).unwrap() };
         // finetune_demo's lora.yaml
-        let demo = yaml("max_input_length: 512\ntraining_args:\n  output_dir: ./output\n  bf16: true\npeft_config:\n  r: 8\n");
+        let demo =
+            yaml("max_input_length: 512\ntraining_args:\n  output_dir: ./output\n  bf16: true\npeft_config:\n  r: 8\n");
         assert_eq!(read_training_precision_from_yaml(&demo), (Some(true), None));
         // LLaMA-Factory keeps the flags at the top level.
         let lf = yaml("stage: sft\nfp16: true\nbf16: false\n");
-        assert_eq!(
-            read_training_precision_from_yaml(&lf),
-            (Some(false), Some(true))
-        );
+        assert_eq!(read_training_precision_from_yaml(&lf), (Some(false), Some(true)));
         let strings = yaml("training_args:\n  fp16: \"True\"\n  bf16: maybe\n");
-        assert_eq!(
-            read_training_precision_from_yaml(&strings),
-            (None, Some(true))
-        );
-        assert_eq!(
-            read_training_precision_from_yaml(&yaml("[1, 2]")),
-            (None, None)
-        );
-        assert_eq!(
-            read_training_precision_from_yaml(&serde_yaml::Value::Null),
-            (None, None)
-        );
+        assert_eq!(read_training_precision_from_yaml(&strings), (None, Some(true)));
+        assert_eq!(read_training_precision_from_yaml(&yaml("[1, 2]")), (None, None));
+        assert_eq!(read_training_precision_from_yaml(&serde_yaml::Value::Null), (None, None));
     }
 }

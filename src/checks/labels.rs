@@ -37,7 +37,11 @@ pub fn check_labels(rows: &[ReplayedRow], recipe: &Recipe) -> Vec<Finding> {
             recipe.max_length().unwrap_or(0),
             lengths["total"]["max"],
         );
-        let f = if share >= 0.1 { Finding::error("data_labels_truncated", msg) } else { Finding::warning("data_labels_truncated", msg) };
+        let f = if share >= 0.1 {
+            Finding::error("data_labels_truncated", msg)
+        } else {
+            Finding::warning("data_labels_truncated", msg)
+        };
         out.push(f.with_evidence(json!({
             "rows_truncated": cut.len(), "rows": n, "tokens_lost": lost, "tokens_total": total,
             "max_input_length": recipe.max_input_length, "max_output_length": recipe.max_output_length,
@@ -48,7 +52,11 @@ pub fn check_labels(rows: &[ReplayedRow], recipe: &Recipe) -> Vec<Finding> {
         out.push(
             Finding::error(
                 "data_no_labels",
-                format!("{} of {n} rows have no supervised token left under {limits}: they train nothing (first: {})", none.len(), lines(&none)[0]),
+                format!(
+                    "{} of {n} rows have no supervised token left under {limits}: they train nothing (first: {})",
+                    none.len(),
+                    lines(&none)[0]
+                ),
             )
             .with_evidence(json!({"rows": none.len(), "lines": lines(&none)})),
         );

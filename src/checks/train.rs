@@ -135,11 +135,7 @@ pub fn check_trainer_state(path: &Path) -> Result<Vec<Finding>> {
 /// final summary are left out; non-finite losses are kept (a plot shows them as gaps).
 pub fn loss_curve(path: &Path) -> Result<Vec<(u64, f64)>> {
     let state = read_state(path)?;
-    Ok(state
-        .log
-        .iter()
-        .filter_map(|e| Some((e.step?, e.loss?)))
-        .collect())
+    Ok(state.log.iter().filter_map(|e| Some((e.step?, e.loss?))).collect())
 }
 
 /// The precision a run trained in, from the files that say so in `dir` (not its parents):
@@ -155,10 +151,7 @@ pub fn training_precision(dir: &Path) -> Option<Precision> {
             .find_map(|n| read_small(&dir.join(n)))
             .and_then(|t| serde_yaml::from_str::<Value>(&t).ok())
     };
-    if let Some(p) = args_json
-        .or_else(args_yaml)
-        .and_then(|v| precision_from_args(&v))
-    {
+    if let Some(p) = args_json.or_else(args_yaml).and_then(|v| precision_from_args(&v)) {
         return Some(p);
     }
     // DeepSpeed configs have no fixed name (ds_config.json, ds_zero3.json ...): try every small
@@ -184,10 +177,7 @@ fn precision_from_args(v: &Value) -> Option<Precision> {
         (Some(true), Some(true)) => None,
         (Some(true), _) => Some(Precision::Bf16),
         (_, Some(true)) => Some(Precision::Fp16),
-        (None, None) => v
-            .get("deepspeed")
-            .filter(|d| d.is_object())
-            .and_then(precision_from_deepspeed),
+        (None, None) => v.get("deepspeed").filter(|d| d.is_object()).and_then(precision_from_deepspeed),
         _ => Some(Precision::Fp32),
     }
 }
@@ -222,13 +212,10 @@ fn read_small(path: &Path) -> Option<String> {
 }
 
 fn read_state(path: &Path) -> Result<TrainerState> {
-    let text = std::fs::read_to_string(path)
-        .with_context(|| format!("cannot read trainer state {}", path.display()))?;
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read trainer state {}", path.display()))?;
     let v: Value = serde_json::from_str(&quote_nonfinite(&text)).with_context(|| {
-        format!(
-            "{}: not valid JSON; expected the trainer_state.json that Hugging Face Trainer writes",
-            path.display()
-        )
+        format!("{}: not valid JSON; expected the trainer_state.json that Hugging Face Trainer writes", path.display())
     })?;
     let Some(history) = v.get("log_history").and_then(Value::as_array) else {
         bail!(
@@ -247,11 +234,8 @@ fn read_state(path: &Path) -> Result<TrainerState> {
             learning_rate: e.get("learning_rate").and_then(as_num),
         })
         .collect();
-    let total_steps = v
-        .get("max_steps")
-        .and_then(as_step)
-        .filter(|&n| n > 0)
-        .or_else(|| v.get("global_step").and_then(as_step));
+    let total_steps =
+        v.get("max_steps").and_then(as_step).filter(|&n| n > 0).or_else(|| v.get("global_step").and_then(as_step));
     Ok(TrainerState { total_steps, log })
 }
 
@@ -323,13 +307,9 @@ fn fmt_step(step: Option<u64>) -> String {
 
 fn nonfinite_loss(file: &str, state: &TrainerState) -> Option<Finding> {
     let bad = |e: &LogEntry| -> Option<(&'static str, f64)> {
-        [
-            ("loss", e.loss),
-            ("eval_loss", e.eval_loss),
-            ("train_loss", e.train_loss),
-        ]
-        .into_iter()
-        .find_map(|(k, v)| v.filter(|x| !x.is_finite()).map(|x| (k, x)))
+        [("loss", e.loss), ("eval_loss", e.eval_loss), ("train_loss", e.train_loss)]
+            .into_iter()
+            .find_map(|(k, v)| v.filter(|x| !x.is_finite()).map(|x| (k, x)))
     };
     let (first, (key, value)) = state.log.iter().find_map(|e| Some((e, bad(e)?)))?;
     let count = state.log.iter().filter(|e| bad(e).is_some()).count();
@@ -340,16 +320,14 @@ fn nonfinite_loss(file: &str, state: &TrainerState) -> Option<Finding> {
         fmt_step(first.step),
         state.log.len()
     );
-    Some(
-        Finding::error(CODE_LOSS_NONFINITE, message).with_evidence(json!({
-            "file": file,
-            "first_step": first.step,
-            "key": key,
-            "value": value.to_string(),
-            "nonfinite_entries": count,
-            "log_entries": state.log.len(),
-        })),
-    )
+    Some(Finding::error(CODE_LOSS_NONFINITE, message).with_evidence(json!({
+        "file": file,
+        "first_step": first.step,
+        "key": key,
+        "value": value.to_string(),
+        "nonfinite_entries": count,
+        "log_entries": state.log.len(),
+    })))
 }
 
 /// One finding when `field` is logged at least once and is exactly 0 every time it is.
@@ -361,11 +339,7 @@ fn all_zero(
     name: &str,
     why: &str,
 ) -> Option<Finding> {
-    let logged: Vec<&LogEntry> = train
-        .iter()
-        .copied()
-        .filter(|e| field(e).is_some())
-        .collect();
+    let logged: Vec<&LogEntry> = train.iter().copied().filter(|e| field(e).is_some()).collect();
     if logged.is_empty() || logged.iter().any(|e| field(e) != Some(0.0)) {
         return None;
     }
@@ -387,11 +361,8 @@ fn all_zero(
 /// The loss reaching ~0 early and staying there: a run that learned nothing real
 /// (targets leaked into the input, a few rows repeated, almost nothing supervised).
 fn collapsed(file: &str, train: &[&LogEntry], total_steps: Option<u64>) -> Option<Finding> {
-    let curve: Vec<(u64, f64)> = train
-        .iter()
-        .filter_map(|e| Some((e.step?, e.loss?)))
-        .filter(|(_, l)| l.is_finite())
-        .collect();
+    let curve: Vec<(u64, f64)> =
+        train.iter().filter_map(|e| Some((e.step?, e.loss?))).filter(|(_, l)| l.is_finite()).collect();
     let i = curve.iter().position(|&(_, l)| l <= COLLAPSED_LOSS)?;
     let (step, loss) = curve[i];
     let total = total_steps.or(curve.last().map(|c| c.0)).unwrap_or(step);
@@ -410,16 +381,14 @@ fn collapsed(file: &str, train: &[&LogEntry], total_steps: Option<u64>) -> Optio
          input, a few rows repeat, or almost no tokens are supervised: check the labels \
          (data_labels_truncated) and the data, and judge the adapter on held-out data"
     );
-    Some(
-        Finding::warning(CODE_LOSS_COLLAPSED, message).with_evidence(json!({
-            "file": file,
-            "step": step,
-            "loss": loss,
-            "first_step": first_step,
-            "first_loss": first_loss,
-            "total_steps": total,
-        })),
-    )
+    Some(Finding::warning(CODE_LOSS_COLLAPSED, message).with_evidence(json!({
+        "file": file,
+        "step": step,
+        "loss": loss,
+        "first_step": first_step,
+        "first_loss": first_loss,
+        "total_steps": total,
+    })))
 }
 
 #[cfg(test)]
@@ -461,9 +430,7 @@ mod tests {
     fn healthy() -> Vec<(u64, &'static str, &'static str, &'static str)> {
         (1..=10)
             .map(|i| {
-                let loss: &'static str = [
-                    "2.9", "2.5", "2.2", "2.0", "1.8", "1.7", "1.6", "1.5", "1.4", "1.3",
-                ][i - 1];
+                let loss: &'static str = ["2.9", "2.5", "2.2", "2.0", "1.8", "1.7", "1.6", "1.5", "1.4", "1.3"][i - 1];
                 (i as u64 * 10, loss, "1.25", "0.0001")
             })
             .collect()
@@ -475,11 +442,7 @@ mod tests {
         let p = write(dir.path(), "trainer_state.json", &state(&healthy()));
         assert!(check_trainer_state(&p).unwrap().is_empty());
         let curve = loss_curve(&p).unwrap();
-        assert_eq!(
-            curve.len(),
-            10,
-            "eval and summary entries are not training loss"
-        );
+        assert_eq!(curve.len(), 10, "eval and summary entries are not training loss");
         assert_eq!(curve[0], (10, 2.9));
         assert_eq!(curve[9], (100, 1.3));
     }
@@ -498,20 +461,14 @@ mod tests {
         assert_eq!(f.severity, crate::finding::Severity::Error);
         assert_eq!(f.evidence["first_step"], 30);
         assert_eq!(f.evidence["nonfinite_entries"], 3);
-        assert!(
-            f.message
-                .starts_with(&format!("{}: loss is NaN from step 30", p.display())),
-            "{}",
-            f.message
-        );
+        assert!(f.message.starts_with(&format!("{}: loss is NaN from step 30", p.display())), "{}", f.message);
         let curve = loss_curve(&p).unwrap();
         assert!(curve[2].1.is_nan() && curve[3].1 == f64::INFINITY);
     }
 
     #[test]
     fn quoting_leaves_strings_alone() {
-        let text =
-            r#"{"a": NaN, "b": "NaN \"Infinity\" \\", "c": [-Infinity, Infinity], "d": "é"}"#;
+        let text = r#"{"a": NaN, "b": "NaN \"Infinity\" \\", "c": [-Infinity, Infinity], "d": "é"}"#;
         let v: Value = serde_json::from_str(&quote_nonfinite(text)).unwrap();
         assert_eq!(v["b"], r#"NaN "Infinity" \"#);
         assert!(as_num(&v["a"]).unwrap().is_nan());
@@ -523,16 +480,11 @@ mod tests {
     #[test]
     fn zero_grad_norm_and_zero_lr() {
         let dir = tempfile::tempdir().unwrap();
-        let entries: Vec<_> = healthy()
-            .into_iter()
-            .map(|(s, l, _, _)| (s, l, "0.0", "0"))
-            .collect();
+        let entries: Vec<_> = healthy().into_iter().map(|(s, l, _, _)| (s, l, "0.0", "0")).collect();
         let p = write(dir.path(), "trainer_state.json", &state(&entries));
         let fs = check_trainer_state(&p).unwrap();
         assert_eq!(codes(&fs), vec![CODE_GRAD_NORM_ZERO, CODE_LR_ZERO]);
-        assert!(fs[0]
-            .message
-            .contains("grad_norm is 0 at every one of the 10 logged steps (steps 10 to 100)"));
+        assert!(fs[0].message.contains("grad_norm is 0 at every one of the 10 logged steps (steps 10 to 100)"));
         assert_eq!(fs[1].evidence["logged_steps"], 10);
 
         // One non-zero value means something moved.
@@ -554,29 +506,17 @@ mod tests {
         assert_eq!(codes(&fs), vec![CODE_LOSS_COLLAPSED]);
         assert_eq!(fs[0].severity, crate::finding::Severity::Warning);
         assert_eq!(fs[0].evidence["step"], 3);
-        assert!(
-            fs[0]
-                .message
-                .contains("fell from 2.5000 (step 1) to 0.0010 by step 3"),
-            "{}",
-            fs[0].message
-        );
+        assert!(fs[0].message.contains("fell from 2.5000 (step 1) to 0.0010 by step 3"), "{}", fs[0].message);
 
         // Loss exactly 0 from the start (nothing supervised in some HF versions).
         let zero: Vec<_> = (1..=20u64).map(|s| (s, "0.0", "0.0", "1e-4")).collect();
         let p = write(dir.path(), "trainer_state.json", &state(&zero));
         let fs = check_trainer_state(&p).unwrap();
         assert_eq!(codes(&fs), vec![CODE_GRAD_NORM_ZERO, CODE_LOSS_COLLAPSED]);
-        assert!(
-            fs[1].message.contains("already at the first logged step"),
-            "{}",
-            fs[1].message
-        );
+        assert!(fs[1].message.contains("already at the first logged step"), "{}", fs[1].message);
 
         // Reaching ~0 after most of the run is memorisation of a small set, not a collapse.
-        let late: Vec<_> = (1..=100u64)
-            .map(|s| (s, if s > 60 { "0.005" } else { "1.0" }, "0.3", "1e-4"))
-            .collect();
+        let late: Vec<_> = (1..=100u64).map(|s| (s, if s > 60 { "0.005" } else { "1.0" }, "0.3", "1e-4")).collect();
         let p = write(dir.path(), "trainer_state.json", &state(&late));
         assert!(check_trainer_state(&p).unwrap().is_empty());
 
@@ -590,11 +530,7 @@ mod tests {
     #[test]
     fn empty_log_is_a_warning() {
         let dir = tempfile::tempdir().unwrap();
-        let p = write(
-            dir.path(),
-            "trainer_state.json",
-            r#"{"global_step": 5, "log_history": []}"#,
-        );
+        let p = write(dir.path(), "trainer_state.json", r#"{"global_step": 5, "log_history": []}"#);
         let fs = check_trainer_state(&p).unwrap();
         assert_eq!(codes(&fs), vec![CODE_LOG_EMPTY]);
     }
@@ -607,10 +543,7 @@ mod tests {
         assert!(e.contains("nope"), "{e}");
         let p = write(dir.path(), "broken.json", "{\"log_history\": [");
         let e = format!("{:#}", check_trainer_state(&p).unwrap_err());
-        assert!(
-            e.contains("broken.json") && e.contains("not valid JSON"),
-            "{e}"
-        );
+        assert!(e.contains("broken.json") && e.contains("not valid JSON"), "{e}");
         let p = write(dir.path(), "other.json", r#"{"log_history": 3}"#);
         let e = format!("{:#}", loss_curve(&p).unwrap_err());
         assert!(e.contains("other.json") && e.contains("log_history"), "{e}");
@@ -626,10 +559,7 @@ mod tests {
         }
         std::fs::create_dir_all(d.join("checkpoint-2000")).unwrap(); // no state inside
         std::fs::create_dir_all(d.join("checkpoint-final/trainer_state.json")).unwrap(); // a dir, not a file
-        assert_eq!(
-            find_trainer_state(d),
-            Some(d.join("checkpoint-1000/trainer_state.json"))
-        );
+        assert_eq!(find_trainer_state(d), Some(d.join("checkpoint-1000/trainer_state.json")));
         let own = write(d, "trainer_state.json", "{}");
         assert_eq!(find_trainer_state(d), Some(own));
         assert_eq!(find_trainer_state(&d.join("absent")), None);
@@ -650,27 +580,15 @@ mod tests {
         assert_eq!(training_precision(&dir.path().join("absent")), None);
 
         let hf = d("hf");
-        write(
-            &hf,
-            "training_args.json",
-            r#"{"bf16": true, "fp16": false, "learning_rate": NaN}"#,
-        );
+        write(&hf, "training_args.json", r#"{"bf16": true, "fp16": false, "learning_rate": NaN}"#);
         assert_eq!(training_precision(&hf), Some(Precision::Bf16));
 
         let fp32 = d("fp32");
-        write(
-            &fp32,
-            "training_args.json",
-            r#"{"bf16": false, "fp16": false}"#,
-        );
+        write(&fp32, "training_args.json", r#"{"bf16": false, "fp16": false}"#);
         assert_eq!(training_precision(&fp32), Some(Precision::Fp32));
 
         let both = d("both");
-        write(
-            &both,
-            "training_args.json",
-            r#"{"bf16": true, "fp16": true}"#,
-        );
+        write(&both, "training_args.json", r#"{"bf16": true, "fp16": true}"#);
         assert_eq!(training_precision(&both), None);
 
         let lf = d("llama-factory");
@@ -679,29 +597,13 @@ mod tests {
 
         let ds = d("deepspeed");
         write(&ds, "adapter_config.json", r#"{"r": 8}"#);
-        write(
-            &ds,
-            "ds_zero2.json",
-            r#"{"zero_optimization": {"stage": 2}, "bf16": {"enabled": "auto"}}"#,
-        );
-        assert_eq!(
-            training_precision(&ds),
-            None,
-            "auto defers to args we do not have"
-        );
-        write(
-            &ds,
-            "ds_zero3.json",
-            r#"{"fp16": {"enabled": true, "loss_scale": 0}}"#,
-        );
+        write(&ds, "ds_zero2.json", r#"{"zero_optimization": {"stage": 2}, "bf16": {"enabled": "auto"}}"#);
+        assert_eq!(training_precision(&ds), None, "auto defers to args we do not have");
+        write(&ds, "ds_zero3.json", r#"{"fp16": {"enabled": true, "loss_scale": 0}}"#);
         assert_eq!(training_precision(&ds), Some(Precision::Fp16));
 
         let inline = d("inline");
-        write(
-            &inline,
-            "training_args.json",
-            r#"{"deepspeed": {"bfloat16": {"enabled": true}}}"#,
-        );
+        write(&inline, "training_args.json", r#"{"deepspeed": {"bfloat16": {"enabled": true}}}"#);
         assert_eq!(training_precision(&inline), Some(Precision::Bf16));
 
         assert_eq!(Precision::Bf16.flags(), (Some(true), Some(false)));

@@ -31,11 +31,7 @@ pub fn read_jsonl(path: &Path) -> Result<Vec<Row>> {
         Err(e) => {
             let at = e.utf8_error().valid_up_to();
             let line = e.as_bytes()[..at].iter().filter(|&&b| b == b'\n').count() + 1;
-            bail!(
-                "{}:{}: not valid UTF-8 (byte offset {at}); save the file as UTF-8",
-                path.display(),
-                line
-            );
+            bail!("{}:{}: not valid UTF-8 (byte offset {at}); save the file as UTF-8", path.display(), line);
         }
     };
     let mut rows = Vec::new();
@@ -55,15 +51,13 @@ pub fn read_jsonl(path: &Path) -> Result<Vec<Row>> {
 /// Parses one jsonl line into a row; errors name the file and line.
 pub fn parse_row(raw: &str, path: &Path, line: usize) -> Result<Row> {
     let where_ = || format!("{}:{}", path.display(), line);
-    let v: serde_json::Value = serde_json::from_str(raw)
-        .map_err(|e| anyhow::anyhow!("{}: invalid JSON: {e}", where_()))?;
+    let v: serde_json::Value =
+        serde_json::from_str(raw).map_err(|e| anyhow::anyhow!("{}: invalid JSON: {e}", where_()))?;
     let msgs = v
         .get("messages")
         .or_else(|| v.get("conversations"))
         .ok_or_else(|| anyhow::anyhow!("{}: no \"messages\" array (finetune_demo format is {{\"messages\": [{{\"role\": ..., \"content\": ...}}]}})", where_()))?;
-    let arr = msgs
-        .as_array()
-        .ok_or_else(|| anyhow::anyhow!("{}: \"messages\" is not an array", where_()))?;
+    let arr = msgs.as_array().ok_or_else(|| anyhow::anyhow!("{}: \"messages\" is not an array", where_()))?;
     let mut messages = Vec::with_capacity(arr.len());
     for (j, m) in arr.iter().enumerate() {
         let role = m
@@ -80,17 +74,9 @@ pub fn parse_row(raw: &str, path: &Path, line: usize) -> Result<Row> {
             ),
             None => bail!("{}: message {} ({role}) has no \"content\"", where_(), j + 1),
         };
-        messages.push(Message {
-            role: role.to_string(),
-            content,
-            tools: m.get("tools").cloned(),
-        });
+        messages.push(Message { role: role.to_string(), content, tools: m.get("tools").cloned() });
     }
-    Ok(Row {
-        source: path.to_path_buf(),
-        line,
-        messages,
-    })
+    Ok(Row { source: path.to_path_buf(), line, messages })
 }
 
 fn json_kind(v: &serde_json::Value) -> &'static str {

@@ -58,11 +58,9 @@ impl ModelConfig {
 
     pub fn from_dir(dir: &Path) -> Result<Self> {
         let path = dir.join("config.json");
-        let text = std::fs::read_to_string(&path).with_context(|| {
-            format!("cannot read {}: a model directory needs config.json", path.display())
-        })?;
-        let v: Value = serde_json::from_str(&text)
-            .with_context(|| format!("{} is not valid JSON", path.display()))?;
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("cannot read {}: a model directory needs config.json", path.display()))?;
+        let v: Value = serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", path.display()))?;
         Self::from_json(&v).with_context(|| format!("unusable model config {}", path.display()))
     }
 
@@ -90,7 +88,7 @@ impl ModelConfig {
             Layout::Chatglm => {
                 let hidden = usize_field(v, "hidden_size")?;
                 let heads = usize_field(v, "num_attention_heads")?;
-                let head_dim = opt_usize(v, "kv_channels")?.unwrap_or(if heads > 0 { hidden / heads } else { 0 });
+                let head_dim = opt_usize(v, "kv_channels")?.unwrap_or(hidden.checked_div(heads).unwrap_or(0));
                 let mqa = v.get("multi_query_attention").and_then(|b| b.as_bool()).unwrap_or(false);
                 let kv = if mqa { usize_field(v, "multi_query_group_num")? } else { heads };
                 let rope_ratio = v.get("rope_ratio").and_then(|r| r.as_f64()).unwrap_or(1.0);
@@ -116,7 +114,7 @@ impl ModelConfig {
             Layout::Glm | Layout::Glm4 => {
                 let hidden = usize_field(v, "hidden_size")?;
                 let heads = usize_field(v, "num_attention_heads")?;
-                let head_dim = opt_usize(v, "head_dim")?.unwrap_or(if heads > 0 { hidden / heads } else { 0 });
+                let head_dim = opt_usize(v, "head_dim")?.unwrap_or(hidden.checked_div(heads).unwrap_or(0));
                 let rope = v.get("rope_parameters");
                 let theta = v
                     .get("rope_theta")
@@ -171,13 +169,13 @@ impl ModelConfig {
                 bail!("{name} is 0");
             }
         }
-        if c.num_heads % c.num_kv_heads != 0 {
+        if !c.num_heads.is_multiple_of(c.num_kv_heads) {
             bail!("{} attention heads are not a multiple of {} key/value heads", c.num_heads, c.num_kv_heads);
         }
-        if c.rotary_dim == 0 || c.rotary_dim % 2 != 0 || c.rotary_dim > c.head_dim {
+        if c.rotary_dim == 0 || !c.rotary_dim.is_multiple_of(2) || c.rotary_dim > c.head_dim {
             bail!("rotary dim {} does not fit head dim {}", c.rotary_dim, c.head_dim);
         }
-        if !(c.rms_eps.is_finite() && c.rms_eps > 0.0) || !(c.rope_theta.is_finite() && c.rope_theta > 0.0) {
+        if !(c.rms_eps.is_finite() && c.rms_eps > 0.0 && c.rope_theta.is_finite() && c.rope_theta > 0.0) {
             bail!("norm epsilon {} or rope theta {} is not a positive number", c.rms_eps, c.rope_theta);
         }
         // Guard against absurd sizes from a corrupt config before allocating anything.

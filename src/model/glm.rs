@@ -62,6 +62,16 @@ pub struct Glm {
     pub differentiable: bool,
 }
 
+/// What every layer of one forward pass shares: RoPE tables, attention mask, row selection.
+struct Step<'a> {
+    /// [B, T, rotary_dim/2]
+    cos: Tensor,
+    sin: Tensor,
+    /// [B, 1, T, S] additive, f32
+    mask: Tensor,
+    sel: &'a RowSelection,
+}
+
 /// Per-layer KV cache for greedy decoding.
 pub struct Cache {
     kv: Vec<KvCache>,
@@ -114,7 +124,8 @@ impl Glm {
                 Layout::Glm | Layout::Glm4 => {
                     let p = format!("model.layers.{i}.");
                     let proj = |x: &str, out: usize| ld(&format!("{p}self_attn.{x}_proj.weight"), &[out, h]);
-                    let weight = Tensor::cat(&[proj("q", c.q_out())?, proj("k", c.kv_out())?, proj("v", c.kv_out())?], 0)?;
+                    let weight =
+                        Tensor::cat(&[proj("q", c.q_out())?, proj("k", c.kv_out())?, proj("v", c.kv_out())?], 0)?;
                     let bias = if c.qkv_bias {
                         let b = |x: &str, out: usize| ld(&format!("{p}self_attn.{x}_proj.bias"), &[out]);
                         Some(Tensor::cat(&[b("q", c.q_out())?, b("k", c.kv_out())?, b("v", c.kv_out())?], 0)?)
@@ -125,8 +136,16 @@ impl Glm {
                     Layer {
                         input_norm: ld(&format!("{p}input_layernorm.weight"), &[h])?,
                         post_attn_norm: ld(&format!("{p}post_attention_layernorm.weight"), &[h])?,
-                        post_self_attn_norm: if glm4 { Some(ld(&format!("{p}post_self_attn_layernorm.weight"), &[h])?) } else { None },
-                        post_mlp_norm: if glm4 { Some(ld(&format!("{p}post_mlp_layernorm.weight"), &[h])?) } else { None },
+                        post_self_attn_norm: if glm4 {
+                            Some(ld(&format!("{p}post_self_attn_layernorm.weight"), &[h])?)
+                        } else {
+                            None
+                        },
+                        post_mlp_norm: if glm4 {
+                            Some(ld(&format!("{p}post_mlp_layernorm.weight"), &[h])?)
+                        } else {
+                            None
+                        },
                         qkv: Linear { weight, bias, lora: None },
                         o: plain(ld(&format!("{p}self_attn.o_proj.weight"), &[h, c.q_out()])?),
                         gate_up: plain(ld(&format!("{p}mlp.gate_up_proj.weight"), &[2 * c.intermediate_size, h])?),
@@ -139,9 +158,8 @@ impl Glm {
         let final_norm = ld(norm_name, &[h])?;
         // RoPE frequencies in f32 whatever the model dtype: bf16 positions are wrong past 256.
         let half = c.rotary_dim / 2;
-        let inv: Vec<f32> = (0..half)
-            .map(|i| 1.0 / (c.rope_theta as f32).powf((2 * i) as f32 / c.rotary_dim as f32))
-            .collect();
+        let inv: Vec<f32> =
+            (0..half).map(|i| 1.0 / (c.rope_theta as f32).powf((2 * i) as f32 / c.rotary_dim as f32)).collect();
         let inv_freq = Tensor::from_vec(inv, half, device)?;
         Ok(Glm {
             cfg,
@@ -223,7 +241,13 @@ impl Glm {
 
     /// Hidden states of the last layer (before the final norm): [B, T, H] for tokens `ids` [B, T].
     /// `pad[b]` = left padding of row b counted over the whole sequence (cache + ids).
-    pub fn forward(&self, ids: &Tensor, pad: &[usize], sel: &RowSelection, mut cache: Option<&mut Cache>) -> Result<Tensor> {
+    pub fn forward(
+        &self,
+        ids: &Tensor,
+        pad: &[usize],
+        sel: &RowSelection,
+        mut cache: Option<&mut Cache>,
+    ) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;
         if pad.len() != b || sel.rows().len() != b {
             bail!("batch of {b} rows with {} paddings and {} row selections", pad.len(), sel.rows().len());
@@ -231,11 +255,11 @@ impl Glm {
         let offset = cache.as_ref().map(|c| c.len).unwrap_or(0);
         let s = offset + t;
         let (cos, sin) = self.rope(pad, offset, t)?;
-        let mask = self.mask(pad, offset, t)?;
+        let ctx = Step { cos, sin, mask: self.mask(pad, offset, t)?, sel };
         let mut x = self.embed.embedding(&ids.flatten_all()?)?.reshape((b, t, self.cfg.hidden_size))?;
         for (i, layer) in self.layers.iter().enumerate() {
             let kv = cache.as_deref_mut().map(|c| &mut c.kv[i]);
-            x = self.layer(layer, &x, &cos, &sin, &mask, sel, kv)?;
+            x = self.layer(layer, &x, &ctx, kv)?;
         }
         if let Some(c) = cache {
             c.len = s;
@@ -260,19 +284,11 @@ impl Glm {
         Ok(rows.matmul(&self.lm_head.t()?)?.to_dtype(DType::F32)?)
     }
 
-    fn layer(
-        &self,
-        l: &Layer,
-        x: &Tensor,
-        cos: &Tensor,
-        sin: &Tensor,
-        mask: &Tensor,
-        sel: &RowSelection,
-        kv: Option<&mut KvCache>,
-    ) -> Result<Tensor> {
+    fn layer(&self, l: &Layer, x: &Tensor, ctx: &Step, kv: Option<&mut KvCache>) -> Result<Tensor> {
+        let sel = ctx.sel;
         let eps = self.cfg.rms_eps as f32;
         let h = self.rms_norm(x, &l.input_norm, eps)?;
-        let mut a = self.attention(l, &h, cos, sin, mask, sel, kv)?;
+        let mut a = self.attention(l, &h, ctx, kv)?;
         if let Some(n) = &l.post_self_attn_norm {
             a = self.rms_norm(&a, n, eps)?;
         }
@@ -288,17 +304,8 @@ impl Glm {
         Ok((x + d)?)
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn attention(
-        &self,
-        l: &Layer,
-        x: &Tensor,
-        cos: &Tensor,
-        sin: &Tensor,
-        mask: &Tensor,
-        sel: &RowSelection,
-        kv: Option<&mut KvCache>,
-    ) -> Result<Tensor> {
+    fn attention(&self, l: &Layer, x: &Tensor, ctx: &Step, kv: Option<&mut KvCache>) -> Result<Tensor> {
+        let (cos, sin, mask, sel) = (&ctx.cos, &ctx.sin, &ctx.mask, ctx.sel);
         let c = &self.cfg;
         let (b, t, _) = x.dims3()?;
         let (nh, kvh, d) = (c.num_heads, c.num_kv_heads, c.head_dim);
@@ -355,9 +362,8 @@ impl Glm {
         let b = pad.len();
         let s = offset + t;
         let neg = -1e30f32;
-        let causal: Vec<f32> = (0..t)
-            .flat_map(|i| (0..s).map(move |j| if j <= offset + i { 0.0 } else { neg }))
-            .collect();
+        let causal: Vec<f32> =
+            (0..t).flat_map(|i| (0..s).map(move |j| if j <= offset + i { 0.0 } else { neg })).collect();
         let causal = Tensor::from_vec(causal, (1, 1, t, s), &self.device)?;
         let padm: Vec<f32> = pad.iter().flat_map(|&p| (0..s).map(move |j| if j < p { neg } else { 0.0 })).collect();
         let padm = Tensor::from_vec(padm, (b, 1, 1, s), &self.device)?;
@@ -373,7 +379,11 @@ impl Glm {
     }
 
     fn softmax(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(if self.differentiable { candle_nn::ops::softmax(x, D::Minus1)? } else { candle_nn::ops::softmax_last_dim(x)? })
+        Ok(if self.differentiable {
+            candle_nn::ops::softmax(x, D::Minus1)?
+        } else {
+            candle_nn::ops::softmax_last_dim(x)?
+        })
     }
 
     /// Interleaved RoPE. x: [B, H, T, d], cos/sin: [B, T, d/2].

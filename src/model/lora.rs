@@ -110,11 +110,7 @@ impl RowSelection {
 
     /// How the rows use a stack: not at all, all with its only adapter, or per row ([B, 1, ΣR] mask).
     fn mask(&self, stack: &LoraStack) -> Result<Mask> {
-        let used: Vec<bool> = stack
-            .segments
-            .iter()
-            .map(|s| self.rows.iter().any(|r| *r == Some(s.adapter)))
-            .collect();
+        let used: Vec<bool> = stack.segments.iter().map(|s| self.rows.contains(&Some(s.adapter))).collect();
         if !used.iter().any(|u| *u) {
             return Ok(Mask::Skip);
         }

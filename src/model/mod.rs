@@ -13,8 +13,16 @@ use candle_core::{DType, Device};
 pub use config::{Layout, ModelConfig};
 pub use glm::{Glm, Target};
 
+static LOADS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// How many model directories this process has loaded (compare reports it: the base loads once).
+pub fn loads() -> usize {
+    LOADS.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 /// Loads a model directory (config.json + safetensors) in `dtype` on `device`.
 pub fn load_dir(dir: &Path, dtype: DType, device: &Device) -> Result<Glm> {
+    LOADS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let mut cfg = ModelConfig::from_dir(dir)?;
     add_generation_eos(dir, &mut cfg);
     let weights = weights::Weights::open_dir(dir)?;

@@ -11,7 +11,11 @@ pub fn render(r: &Report) -> String {
     let _ = writeln!(o, "## {icon} glm4-verify: `{}` — **{}**\n", r.adapter.path, r.verdict.as_str());
     let _ = writeln!(o, "{}\n", esc(&r.cause));
     let _ = writeln!(o, "| metric | base | tuned |\n|---|---:|---:|");
-    let _ = writeln!(o, "| log p per target token | {:.3} | {:.3} |", s.mean_logprob_per_token_base, s.mean_logprob_per_token_tuned);
+    let _ = writeln!(
+        o,
+        "| log p per target token | {:.3} | {:.3} |",
+        s.mean_logprob_per_token_base, s.mean_logprob_per_token_tuned
+    );
     let _ = writeln!(o, "| generation similarity | {:.2} | {:.2} |", s.mean_similarity_base, s.mean_similarity_tuned);
     let _ = writeln!(
         o,

@@ -133,7 +133,9 @@ pub fn render(reports: &[Report], format: Format, color: bool) -> anyhow::Result
             let mut s = if reports.len() == 1 {
                 serde_json::to_string_pretty(&reports[0])?
             } else {
-                serde_json::to_string_pretty(&serde_json::json!({"schema_version": SCHEMA_VERSION, "reports": reports}))?
+                serde_json::to_string_pretty(
+                    &serde_json::json!({"schema_version": SCHEMA_VERSION, "reports": reports}),
+                )?
             };
             s.push('\n');
             s

@@ -37,7 +37,8 @@ pub fn render(r: &Report, color: bool) -> String {
             let _ = writeln!(o, "  adapter  merged model directory");
         }
     }
-    let _ = writeln!(o, "\n  samples {}  target tokens {} (answer tokens {})", s.samples, s.target_tokens, s.answer_tokens);
+    let _ =
+        writeln!(o, "\n  samples {}  target tokens {} (answer tokens {})", s.samples, s.target_tokens, s.answer_tokens);
     let _ = writeln!(
         o,
         "  log p per target token   base {:>8.3}   tuned {:>8.3}   change {:+.3}",
@@ -78,12 +79,18 @@ pub fn render(r: &Report, color: bool) -> String {
         for x in worst.iter().take(3) {
             let _ = writeln!(o, "    {}:{}  {:+.3}", x.source, x.line, gain(x));
             let _ = writeln!(o, "      target  {}", one_line(&x.target));
-            let _ = writeln!(o, "      base    {}  (similarity {:.2})", one_line(&x.generation_base), x.similarity_base);
-            let _ = writeln!(o, "      tuned   {}  (similarity {:.2})", one_line(&x.generation_tuned), x.similarity_tuned);
+            let _ =
+                writeln!(o, "      base    {}  (similarity {:.2})", one_line(&x.generation_base), x.similarity_base);
+            let _ =
+                writeln!(o, "      tuned   {}  (similarity {:.2})", one_line(&x.generation_tuned), x.similarity_tuned);
         }
     }
     let t = &r.timings;
-    let _ = writeln!(o, "\n  time: load {:.2}s, score {:.2}s, generate {:.2}s, total {:.2}s", t.load_s, t.score_s, t.generate_s, t.total_s);
+    let _ = writeln!(
+        o,
+        "\n  time: load {:.2}s, score {:.2}s, generate {:.2}s, total {:.2}s",
+        t.load_s, t.score_s, t.generate_s, t.total_s
+    );
     o
 }
 

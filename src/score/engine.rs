@@ -34,7 +34,9 @@ fn plan(lengths: &[usize], per_item: usize, lim: BatchLimits) -> Vec<Vec<usize>>
     for i in order {
         let rows = (cur.len() + 1) * per_item;
         let longest = cur.iter().map(|&j| lengths[j]).max().unwrap_or(0).max(lengths[i]);
-        if !cur.is_empty() && (rows > lim.max_rows.max(per_item) || rows * longest > lim.max_tokens.max(longest * per_item)) {
+        if !cur.is_empty()
+            && (rows > lim.max_rows.max(per_item) || rows * longest > lim.max_tokens.max(longest * per_item))
+        {
             out.push(std::mem::take(&mut cur));
         }
         cur.push(i);
@@ -69,10 +71,8 @@ pub fn score_targets(
 ) -> Result<Vec<Vec<Vec<f32>>>> {
     let mut out = vec![vec![Vec::new(); items.len()]; variants.len()];
     // Only positions up to the last label matter; nothing after it is fed.
-    let used: Vec<usize> = items
-        .iter()
-        .map(|(_, l)| l.iter().rposition(|&x| x != IGNORE).map(|p| p + 1).unwrap_or(0))
-        .collect();
+    let used: Vec<usize> =
+        items.iter().map(|(_, l)| l.iter().rposition(|&x| x != IGNORE).map(|p| p + 1).unwrap_or(0)).collect();
     let todo: Vec<usize> = (0..items.len()).filter(|&i| used[i] > 1).collect();
     let lengths: Vec<usize> = todo.iter().map(|&i| used[i]).collect();
     let pad_id = model.cfg.pad_id.unwrap_or(0);
@@ -98,10 +98,10 @@ pub fn score_targets(
         let mut owner = Vec::new();
         for (r, &(vi, i)) in which.iter().enumerate() {
             let labels = &items[i].1;
-            for j in 1..used[i] {
-                if labels[j] != IGNORE {
+            for (j, &label) in labels.iter().enumerate().take(used[i]).skip(1) {
+                if label != IGNORE {
                     at.push((r * t + pads[r] + j - 1) as u32);
-                    tgt.push(labels[j] as u32);
+                    tgt.push(label as u32);
                     owner.push((vi, i));
                 }
             }

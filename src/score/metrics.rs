@@ -65,7 +65,8 @@ pub fn summarize(ms: &[Measured]) -> (Summary, Vec<SampleReport>) {
         if m.gen_base_ids == m.gen_tuned_ids {
             identical += 1;
         }
-        let (sim_b, sim_t) = (similarity(m.gen_base.trim(), m.target.trim()), similarity(m.gen_tuned.trim(), m.target.trim()));
+        let (sim_b, sim_t) =
+            (similarity(m.gen_base.trim(), m.target.trim()), similarity(m.gen_tuned.trim(), m.target.trim()));
         simb += sim_b;
         simt += sim_t;
         samples.push(SampleReport {

@@ -40,7 +40,9 @@ impl Recipe {
         };
         let combine = match v.get("combine") {
             None | Some(serde_yaml::Value::Null) => false,
-            Some(x) => x.as_bool().ok_or_else(|| anyhow!("{}: combine must be true or false, found {x:?}", path.display()))?,
+            Some(x) => {
+                x.as_bool().ok_or_else(|| anyhow!("{}: combine must be true or false, found {x:?}", path.display()))?
+            }
         };
         Ok(Recipe { combine, max_input_length: int("max_input_length")?, max_output_length: int("max_output_length")? })
     }
@@ -107,11 +109,8 @@ pub fn encode(tok: &GlmTokenizer, messages: &[Message], recipe: &Recipe) -> Resu
     input_ids.push(user);
     // The loss mask is shifted by one: the token after an assistant message (its end) is trained too.
     masks.insert(0, false);
-    let labels_full: Vec<i64> = input_ids
-        .iter()
-        .zip(masks.iter())
-        .map(|(&t, &m)| if m { t as i64 } else { IGNORE })
-        .collect();
+    let labels_full: Vec<i64> =
+        input_ids.iter().zip(masks.iter()).map(|(&t, &m)| if m { t as i64 } else { IGNORE }).collect();
     let full_length = input_ids.len();
     let labels_before_cut = labels_full.iter().filter(|&&l| l != IGNORE).count();
     let mut labels = labels_full;

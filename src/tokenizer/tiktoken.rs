@@ -49,14 +49,9 @@ pub fn load_tiktoken(model_path: &Path, tokenizer_config: Option<&Path>) -> Resu
         None => None,
     }
     .unwrap_or_else(|| {
-        GLM4_SPECIAL_TOKENS
-            .iter()
-            .zip(tokens.len() as u32..)
-            .map(|(s, id)| (id, AddedToken::from(*s, true)))
-            .collect()
+        GLM4_SPECIAL_TOKENS.iter().zip(tokens.len() as u32..).map(|(s, id)| (id, AddedToken::from(*s, true))).collect()
     });
-    build_tokenizer(&tokens, specials)
-        .with_context(|| format!("converting {} to a tokenizer", model_path.display()))
+    build_tokenizer(&tokens, specials).with_context(|| format!("converting {} to a tokenizer", model_path.display()))
 }
 
 /// Parses the rank file into token bytes indexed by rank, checking that ranks are exactly 0..N-1.
@@ -71,48 +66,30 @@ fn read_ranks(path: &Path) -> Result<Vec<Vec<u8>>> {
         let line_no = index + 1;
         let fail = |msg: String| anyhow!("{}, line {line_no}: {msg}", path.display());
         let lossy = |field: &[u8]| String::from_utf8_lossy(field).into_owned();
-        let mut fields = line
-            .split(u8::is_ascii_whitespace)
-            .filter(|f| !f.is_empty());
+        let mut fields = line.split(u8::is_ascii_whitespace).filter(|f| !f.is_empty());
         // Blank lines (e.g. a trailing newline) are skipped, as tiktoken does.
         let Some(token_field) = fields.next() else {
             continue;
         };
-        let rank_field = fields
-            .next()
-            .ok_or_else(|| fail("missing rank after the base64 token".into()))?;
+        let rank_field = fields.next().ok_or_else(|| fail("missing rank after the base64 token".into()))?;
         if let Some(extra) = fields.next() {
             let extra = lossy(extra);
-            return Err(fail(format!(
-                "unexpected extra field {extra:?} (expected `base64 rank`)"
-            )));
+            return Err(fail(format!("unexpected extra field {extra:?} (expected `base64 rank`)")));
         }
-        let token = b64
-            .decode(token_field)
-            .map_err(|e| fail(format!("bad base64 {:?}: {e}", lossy(token_field))))?;
-        let rank = std::str::from_utf8(rank_field)
-            .ok()
-            .and_then(|s| s.parse::<u32>().ok())
-            .ok_or_else(|| {
-                let rank = lossy(rank_field);
-                fail(format!("rank {rank:?} is not a non-negative integer"))
-            })?;
+        let token = b64.decode(token_field).map_err(|e| fail(format!("bad base64 {:?}: {e}", lossy(token_field))))?;
+        let rank = std::str::from_utf8(rank_field).ok().and_then(|s| s.parse::<u32>().ok()).ok_or_else(|| {
+            let rank = lossy(rank_field);
+            fail(format!("rank {rank:?} is not a non-negative integer"))
+        })?;
         if token.is_empty() {
             return Err(fail("empty token".into()));
         }
         if let Some(first) = token_line.insert(token.clone(), line_no) {
-            return Err(fail(format!(
-                "duplicate token {:?} (first at line {first})",
-                lossy(&token)
-            )));
+            return Err(fail(format!("duplicate token {:?} (first at line {first})", lossy(&token))));
         }
         entries.push((token, rank, line_no));
     }
-    ensure!(
-        !entries.is_empty(),
-        "{}: empty tiktoken file (no `base64 rank` lines)",
-        path.display()
-    );
+    ensure!(!entries.is_empty(), "{}: empty tiktoken file (no `base64 rank` lines)", path.display());
 
     // With no rank duplicated and every rank < N, the N ranks are exactly 0..N-1.
     let n = entries.len();
@@ -120,10 +97,7 @@ fn read_ranks(path: &Path) -> Result<Vec<Vec<u8>>> {
     for (token, rank, line_no) in entries {
         let at = format!("{}, line {line_no}", path.display());
         let Some(slot) = by_rank.get_mut(rank as usize) else {
-            bail!(
-                "{at}: ranks are not contiguous: rank {rank}, but the file has {n} tokens (ranks 0..={})",
-                n - 1
-            );
+            bail!("{at}: ranks are not contiguous: rank {rank}, but the file has {n} tokens (ranks 0..={})", n - 1);
         };
         if let Some((_, first)) = slot {
             bail!("{at}: duplicate rank {rank} (first at line {first})");
@@ -135,46 +109,34 @@ fn read_ranks(path: &Path) -> Result<Vec<Vec<u8>>> {
     // Byte-level BPE without an unk token silently drops bytes it has no token for;
     // tiktoken vocabularies always hold all 256, so a missing one means a broken file.
     if let Some(b) = (0..=255u8).find(|b| !token_line.contains_key(&[*b][..])) {
-        bail!(
-            "{}: no token for the single byte 0x{b:02x}; text containing it could not be encoded",
-            path.display()
-        );
+        bail!("{}: no token for the single byte 0x{b:02x}; text containing it could not be encoded", path.display());
     }
     Ok(tokens)
 }
 
 /// Reads `added_tokens_decoder` (id → token) from a tokenizer_config.json; `None` when absent.
 fn read_added_tokens(path: &Path) -> Result<Option<Vec<(u32, AddedToken)>>> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     let config: serde_json::Value =
         serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
     let Some(decoder) = config.get("added_tokens_decoder") else {
         return Ok(None);
     };
-    let decoder = decoder
-        .as_object()
-        .with_context(|| format!("{}: added_tokens_decoder is not an object", path.display()))?;
+    let decoder =
+        decoder.as_object().with_context(|| format!("{}: added_tokens_decoder is not an object", path.display()))?;
     let flag = |v: &serde_json::Value, key: &str, default: bool| {
-        v.get(key)
-            .and_then(serde_json::Value::as_bool)
-            .unwrap_or(default)
+        v.get(key).and_then(serde_json::Value::as_bool).unwrap_or(default)
     };
     let mut tokens = decoder
         .iter()
         .map(|(id, v)| {
-            let id: u32 = id.parse().with_context(|| {
-                format!(
-                    "{}: added_tokens_decoder id {id:?} is not an integer",
-                    path.display()
-                )
-            })?;
-            let content = v.get("content").and_then(|c| c.as_str()).with_context(|| {
-                format!(
-                    "{}: added_tokens_decoder[{id}] has no string content",
-                    path.display()
-                )
-            })?;
+            let id: u32 = id
+                .parse()
+                .with_context(|| format!("{}: added_tokens_decoder id {id:?} is not an integer", path.display()))?;
+            let content = v
+                .get("content")
+                .and_then(|c| c.as_str())
+                .with_context(|| format!("{}: added_tokens_decoder[{id}] has no string content", path.display()))?;
             let token = AddedToken::from(content, flag(v, "special", true))
                 .lstrip(flag(v, "lstrip", false))
                 .rstrip(flag(v, "rstrip", false))
@@ -189,11 +151,7 @@ fn read_added_tokens(path: &Path) -> Result<Option<Vec<(u32, AddedToken)>>> {
 
 /// Builds the tokenizer from token bytes indexed by rank plus (id, special token) pairs.
 fn build_tokenizer(tokens: &[Vec<u8>], specials: Vec<(u32, AddedToken)>) -> Result<Tokenizer> {
-    let rank_of: HashMap<&[u8], u32> = tokens
-        .iter()
-        .zip(0u32..)
-        .map(|(t, r)| (&t[..], r))
-        .collect();
+    let rank_of: HashMap<&[u8], u32> = tokens.iter().zip(0u32..).map(|(t, r)| (&t[..], r)).collect();
 
     // transformers' TikTokenConverter: every split of a token into two tokens is a merge,
     // ordered by the merged token's rank, ties by (rank(left), rank(right)). One merge per
@@ -203,24 +161,16 @@ fn build_tokenizer(tokens: &[Vec<u8>], specials: Vec<(u32, AddedToken)>) -> Resu
     let mut local = Vec::new();
     for token in tokens {
         local.clear();
-        local.extend(
-            (1..token.len())
-                .filter_map(|i| Some((*rank_of.get(&token[..i])?, *rank_of.get(&token[i..])?))),
-        );
+        local.extend((1..token.len()).filter_map(|i| Some((*rank_of.get(&token[..i])?, *rank_of.get(&token[i..])?))));
         local.sort_unstable();
         merge_ranks.extend_from_slice(&local);
     }
 
     let byte_chars = bytes_to_unicode();
-    let strings: Vec<String> = tokens
-        .iter()
-        .map(|t| t.iter().map(|&b| byte_chars[b as usize]).collect())
-        .collect();
+    let strings: Vec<String> = tokens.iter().map(|t| t.iter().map(|&b| byte_chars[b as usize]).collect()).collect();
     let vocab: Vocab = strings.iter().cloned().zip(0u32..).collect();
-    let merges: Merges = merge_ranks
-        .iter()
-        .map(|&(l, r)| (strings[l as usize].clone(), strings[r as usize].clone()))
-        .collect();
+    let merges: Merges =
+        merge_ranks.iter().map(|&(l, r)| (strings[l as usize].clone(), strings[r as usize].clone())).collect();
 
     let bpe = BPE::builder()
         .vocab_and_merges(vocab, merges)
@@ -232,12 +182,8 @@ fn build_tokenizer(tokens: &[Vec<u8>], specials: Vec<(u32, AddedToken)>) -> Resu
         .build()
         .map_err(|e| anyhow!("building BPE model: {e}"))?;
 
-    let split = Split::new(
-        SplitPattern::Regex(GLM4_PATTERN.to_string()),
-        SplitDelimiterBehavior::Isolated,
-        false,
-    )
-    .map_err(|e| anyhow!("compiling the pre-tokenizer regex: {e}"))?;
+    let split = Split::new(SplitPattern::Regex(GLM4_PATTERN.to_string()), SplitDelimiterBehavior::Isolated, false)
+        .map_err(|e| anyhow!("compiling the pre-tokenizer regex: {e}"))?;
     // The regex already split the text, so ByteLevel must only map bytes to chars.
     let byte_level = ByteLevel::new(false, false, false);
 
@@ -256,17 +202,11 @@ fn build_tokenizer(tokens: &[Vec<u8>], specials: Vec<(u32, AddedToken)>) -> Resu
             token.content
         );
     }
-    tokenizer
-        .add_tokens(specials.iter().map(|(_, t)| t.clone()))
-        .map_err(|e| anyhow!("adding special tokens: {e}"))?;
+    tokenizer.add_tokens(specials.iter().map(|(_, t)| t.clone())).map_err(|e| anyhow!("adding special tokens: {e}"))?;
     // A special token spelled like a regular token would silently take that token's id.
     for (id, token) in &specials {
         let got = tokenizer.token_to_id(&token.content);
-        ensure!(
-            got == Some(*id),
-            "special token {:?} maps to {got:?} instead of id {id}",
-            token.content
-        );
+        ensure!(got == Some(*id), "special token {:?} maps to {got:?} instead of id {id}", token.content);
     }
     Ok(tokenizer)
 }
@@ -316,10 +256,7 @@ mod tests {
         let err = load_tiktoken(file.path(), None).expect_err("load should fail");
         // Plain Display must already say everything (file, line, what is wrong).
         let msg = err.to_string();
-        assert!(
-            msg.contains(&file.path().display().to_string()),
-            "no file name in: {msg}"
-        );
+        assert!(msg.contains(&file.path().display().to_string()), "no file name in: {msg}");
         msg
     }
 
@@ -350,10 +287,7 @@ mod tests {
         assert_eq!(enc.get_ids(), &[257, b' ' as u32, 256, 259 + 4]);
         assert_eq!(tok.token_to_id("<|endoftext|>"), Some(259));
         assert_eq!(tok.token_to_id("<|end_of_video|>"), Some(259 + 13));
-        assert_eq!(
-            tok.decode(enc.get_ids(), false).expect("decode"),
-            "abc ab<sop>"
-        );
+        assert_eq!(tok.decode(enc.get_ids(), false).expect("decode"), "abc ab<sop>");
     }
 
     #[test]
@@ -375,10 +309,7 @@ mod tests {
     fn bad_base64() {
         let mut lines = valid_lines(&[]);
         lines[2] = "not*base64 2".into();
-        assert_contains(
-            &load_err(&lines.join("\n")),
-            &["line 3", "bad base64", "not*base64"],
-        );
+        assert_contains(&load_err(&lines.join("\n")), &["line 3", "bad base64", "not*base64"]);
     }
 
     #[test]
@@ -392,10 +323,7 @@ mod tests {
     fn rank_not_integer() {
         let mut lines = valid_lines(&[]);
         lines[1] = "YWI= one".into();
-        assert_contains(
-            &load_err(&lines.join("\n")),
-            &["line 2", "\"one\"", "integer"],
-        );
+        assert_contains(&load_err(&lines.join("\n")), &["line 2", "\"one\"", "integer"]);
         lines[1] = "YWI= -1".into();
         assert_contains(&load_err(&lines.join("\n")), &["line 2", "\"-1\""]);
     }
@@ -411,30 +339,21 @@ mod tests {
     fn duplicate_rank() {
         let mut lines = valid_lines(&[b"ab"]);
         lines.push("YWJj 256".into()); // "abc" reusing the rank of "ab"
-        assert_contains(
-            &load_err(&lines.join("\n")),
-            &["line 258", "duplicate rank 256", "line 257"],
-        );
+        assert_contains(&load_err(&lines.join("\n")), &["line 258", "duplicate rank 256", "line 257"]);
     }
 
     #[test]
     fn duplicate_token() {
         let mut lines = valid_lines(&[b"ab"]);
         lines.push("YWI= 257".into()); // "ab" again
-        assert_contains(
-            &load_err(&lines.join("\n")),
-            &["line 258", "duplicate token", "line 257"],
-        );
+        assert_contains(&load_err(&lines.join("\n")), &["line 258", "duplicate token", "line 257"]);
     }
 
     #[test]
     fn ranks_not_contiguous() {
         let mut lines = valid_lines(&[]);
         lines.push("YWI= 300".into());
-        assert_contains(
-            &load_err(&lines.join("\n")),
-            &["line 257", "not contiguous", "rank 300"],
-        );
+        assert_contains(&load_err(&lines.join("\n")), &["line 257", "not contiguous", "rank 300"]);
     }
 
     #[test]
@@ -447,14 +366,11 @@ mod tests {
     #[test]
     fn config_specials_must_continue_ranks() {
         let model = write_file(&valid_lines(&[]).join("\n"));
-        let config =
-            write_file(r#"{"added_tokens_decoder": {"300": {"content": "<x>", "special": true}}}"#);
+        let config = write_file(r#"{"added_tokens_decoder": {"300": {"content": "<x>", "special": true}}}"#);
         let err = load_tiktoken(model.path(), Some(config.path())).expect_err("gap in ids");
         assert_contains(&format!("{err:#}"), &["<x>", "300", "expected 256"]);
 
-        let config = write_file(
-            r#"{"added_tokens_decoder": {"257": {"content": "<y>"}, "256": {"content": "<x>"}}}"#,
-        );
+        let config = write_file(r#"{"added_tokens_decoder": {"257": {"content": "<y>"}, "256": {"content": "<x>"}}}"#);
         let tok = load_tiktoken(model.path(), Some(config.path())).expect("load");
         assert_eq!(tok.token_to_id("<x>"), Some(256));
         assert_eq!(tok.token_to_id("<y>"), Some(257));
@@ -469,8 +385,7 @@ mod tests {
     #[test]
     fn special_token_spelled_like_a_regular_token_is_rejected() {
         let model = write_file(&valid_lines(&[b"ab"]).join("\n"));
-        let config =
-            write_file(r#"{"added_tokens_decoder": {"257": {"content": "ab", "special": true}}}"#);
+        let config = write_file(r#"{"added_tokens_decoder": {"257": {"content": "ab", "special": true}}}"#);
         let err = load_tiktoken(model.path(), Some(config.path())).expect_err("collision");
         assert_contains(&format!("{err:#}"), &["\"ab\"", "Some(256)"]);
     }
