@@ -83,6 +83,9 @@ struct VerifyArgs {
     /// Write the report here (atomically) instead of stdout.
     #[arg(long, short = 'o', value_name = "FILE")]
     output: Option<PathBuf>,
+    /// Always generate --max-new-tokens tokens (ignore end tokens): for benchmarks.
+    #[arg(long, hide = true)]
+    ignore_eos: bool,
     /// A JSON report of an earlier run of the same suite and data: fail on a drop past the suite's tolerance.
     #[arg(long, value_name = "FILE")]
     baseline: Option<PathBuf>,
@@ -131,6 +134,7 @@ fn options(a: &VerifyArgs) -> anyhow::Result<Options> {
         max_new_tokens: a.max_new_tokens,
         batch_size,
         split: a.split.clone(),
+        ignore_eos: a.ignore_eos,
     })
 }
 

@@ -17,7 +17,7 @@ use crate::device;
 use crate::finding::Finding;
 use crate::model::{self, Glm};
 use crate::report::{AdapterInfo, BaseInfo, Report, Timings, SCHEMA_VERSION};
-use crate::score::engine::{generate, score_targets, BatchLimits, Variant};
+use crate::score::engine::{generate, score_targets, BatchLimits, GenOptions, Variant};
 use crate::score::metrics::{summarize, Measured};
 use crate::suite::Suite;
 use crate::tokenizer::recipe::{encode, prompt_and_answer, Encoded, Recipe, IGNORE};
@@ -40,6 +40,8 @@ pub struct Options {
     pub batch_size: Option<usize>,
     /// Which data_config file a data directory is read through: train, val or test.
     pub split: String,
+    /// Generate exactly max-new-tokens per row (benchmarks).
+    pub ignore_eos: bool,
 }
 
 impl Default for Options {
@@ -57,6 +59,7 @@ impl Default for Options {
             max_new_tokens: None,
             batch_size: None,
             split: "train".into(),
+            ignore_eos: false,
         }
     }
 }
@@ -398,6 +401,7 @@ pub fn verify(opts: &Options) -> Result<Vec<Report>> {
     let mut load_s = t_load.elapsed().as_secs_f64();
 
     let lim = limits(opts, &dev);
+    let gen_opts = GenOptions { stop_at_eos: !opts.ignore_eos };
     let items: Vec<(Vec<u32>, Vec<i64>)> =
         prepared.iter().map(|p| (p.encoded.input_ids.clone(), p.encoded.labels.clone())).collect();
     let prompts: Vec<Vec<u32>> = prepared.iter().map(|p| p.prompt.clone()).collect();
@@ -417,7 +421,7 @@ pub fn verify(opts: &Options) -> Result<Vec<Report>> {
     let mut lp = score_targets(&base, &items, &variants, lim)?;
     let mut score_s = t_score.elapsed().as_secs_f64();
     let t_gen = Instant::now();
-    let mut gens = generate(&base, &prompts, &max_new, &variants, lim)?;
+    let mut gens = generate(&base, &prompts, &max_new, &variants, lim, gen_opts)?;
     let mut generate_s = t_gen.elapsed().as_secs_f64();
     drop(base);
 
@@ -432,7 +436,7 @@ pub fn verify(opts: &Options) -> Result<Vec<Report>> {
             let l = score_targets(&m, &items, &[None], lim)?.remove(0);
             score_s += t.elapsed().as_secs_f64();
             let t = Instant::now();
-            let g = generate(&m, &prompts, &max_new, &[None], lim)?.remove(0);
+            let g = generate(&m, &prompts, &max_new, &[None], lim, gen_opts)?.remove(0);
             generate_s += t.elapsed().as_secs_f64();
             merged_results.push((l, g));
         }
@@ -514,8 +518,10 @@ fn tok_layout(dir: &Path) -> String {
 fn limits(opts: &Options, dev: &Device) -> BatchLimits {
     let rows = opts.batch_size.or(opts.suite.batch_size);
     match dev {
-        Device::Cpu => BatchLimits { max_rows: rows.unwrap_or(32), max_tokens: 8192 },
-        _ => BatchLimits { max_rows: rows.unwrap_or(256), max_tokens: 65536 },
+        Device::Cpu => BatchLimits { max_rows: rows.unwrap_or(32), max_tokens: 8192, max_logit_rows: 1024 },
+        // Scoring and prefill at ~16k tokens per pass keep the GEMMs large and the unfused
+        // attention scores ([B, heads, T, T] f32) near 2 GB at T = 1000; decode takes 256 rows.
+        _ => BatchLimits { max_rows: rows.unwrap_or(256), max_tokens: 16384, max_logit_rows: 4096 },
     }
 }
 

@@ -7,7 +7,7 @@ use common::*;
 use glm4_verify::adapter::{match_to_base, Adapter};
 use glm4_verify::data::read_jsonl;
 use glm4_verify::model::{self, glm::Glm, lora::RowSelection};
-use glm4_verify::score::engine::{generate, score_targets, BatchLimits, Variant};
+use glm4_verify::score::engine::{generate, score_targets, BatchLimits, GenOptions, Variant};
 use glm4_verify::tokenizer::recipe::{encode, prompt_and_answer, Recipe};
 use glm4_verify::tokenizer::GlmTokenizer;
 
@@ -50,7 +50,8 @@ fn run_variants(model: &Glm, refj: &serde_json::Value, variants: &[Variant]) -> 
     let lp = score_targets(model, &it, variants, BatchLimits::default()).expect("scores");
     let prompts: Vec<Vec<u32>> = refj["samples"].as_array().unwrap().iter().map(|s| ids(&s["prompt_ids"])).collect();
     let max_new = vec![24; prompts.len()];
-    let gen = generate(model, &prompts, &max_new, variants, BatchLimits::default()).expect("generates");
+    let gen = generate(model, &prompts, &max_new, variants, BatchLimits::default(), GenOptions::default())
+        .expect("generates");
     (lp, gen)
 }
 
@@ -153,10 +154,18 @@ fn small_batches_give_the_same_numbers_as_large_ones() {
     let mut m = load("base");
     m.attach(&[adapter_deltas(&m, "good")]).unwrap();
     let big = score_targets(&m, &it, &[None, Some(0)], BatchLimits::default()).unwrap();
-    let small = score_targets(&m, &it, &[None, Some(0)], BatchLimits { max_rows: 2, max_tokens: 64 }).unwrap();
+    let tiny = BatchLimits { max_rows: 2, max_tokens: 64, max_logit_rows: 7 };
+    let small = score_targets(&m, &it, &[None, Some(0)], tiny).unwrap();
     for (a, b) in big.iter().flatten().flatten().zip(small.iter().flatten().flatten()) {
         assert!((a - b).abs() < 1e-4);
     }
+    // Prefill in chunks of 2 rows, decode all rows together: the same greedy ids.
+    let prompts: Vec<Vec<u32>> = refj["samples"].as_array().unwrap().iter().map(|s| ids(&s["prompt_ids"])).collect();
+    let max_new = vec![24; prompts.len()];
+    let chunked = BatchLimits { max_rows: 64, max_tokens: 40, max_logit_rows: 7 };
+    let a = generate(&m, &prompts, &max_new, &[None, Some(0)], BatchLimits::default(), GenOptions::default()).unwrap();
+    let b = generate(&m, &prompts, &max_new, &[None, Some(0)], chunked, GenOptions::default()).unwrap();
+    assert_eq!(a, b);
 }
 
 #[test]

@@ -239,6 +239,31 @@ impl Glm {
         Cache { kv: (0..self.layers.len()).map(|_| KvCache::new(2, max_len)).collect(), len: 0 }
     }
 
+    /// Stacks the caches of row-chunks prefilled separately (same length) into one batch cache,
+    /// so prompts can be prefilled in memory-sized chunks and decoded all together.
+    pub fn concat_caches(&self, parts: Vec<Cache>, max_len: usize) -> Result<Cache> {
+        let len = parts.first().map(|c| c.len).unwrap_or(0);
+        if parts.iter().any(|c| c.len != len) {
+            bail!("caches of different lengths cannot be stacked");
+        }
+        let mut out = self.new_cache(max_len);
+        for (i, kv) in out.kv.iter_mut().enumerate() {
+            let mut ks = Vec::with_capacity(parts.len());
+            let mut vs = Vec::with_capacity(parts.len());
+            for p in &parts {
+                if let (Some(k), Some(v)) = (p.kv[i].k()?, p.kv[i].v()?) {
+                    ks.push(k);
+                    vs.push(v);
+                }
+            }
+            if !ks.is_empty() {
+                kv.append(&Tensor::cat(&ks, 0)?.contiguous()?, &Tensor::cat(&vs, 0)?.contiguous()?)?;
+            }
+        }
+        out.len = len;
+        Ok(out)
+    }
+
     /// Hidden states of the last layer (before the final norm): [B, T, H] for tokens `ids` [B, T].
     /// `pad[b]` = left padding of row b counted over the whole sequence (cache + ids).
     pub fn forward(

@@ -14,14 +14,32 @@ pub type Variant = Option<usize>;
 /// Limits for one forward pass.
 #[derive(Debug, Clone, Copy)]
 pub struct BatchLimits {
+    /// Rows scored together, and rows decoded together.
     pub max_rows: usize,
-    /// rows × padded length
+    /// rows × padded length of one forward pass over whole sequences (scoring, prefill): bounds
+    /// the attention scores held at once.
     pub max_tokens: usize,
+    /// Positions whose vocabulary-wide logits are held at once (the output projection is
+    /// 151,552 wide in GLM-4).
+    pub max_logit_rows: usize,
 }
 
 impl Default for BatchLimits {
     fn default() -> Self {
-        BatchLimits { max_rows: 64, max_tokens: 16384 }
+        BatchLimits { max_rows: 64, max_tokens: 16384, max_logit_rows: 4096 }
+    }
+}
+
+/// Generation settings.
+#[derive(Debug, Clone, Copy)]
+pub struct GenOptions {
+    /// Stop a row at the model's end tokens (off only for benchmarks that need fixed lengths).
+    pub stop_at_eos: bool,
+}
+
+impl Default for GenOptions {
+    fn default() -> Self {
+        GenOptions { stop_at_eos: true }
     }
 }
 
@@ -109,9 +127,12 @@ pub fn score_targets(
         if at.is_empty() {
             continue;
         }
-        let lp = model.log_probs_at(&hidden, &at)?;
-        let idx = Tensor::from_vec(tgt, (at.len(), 1), model.device())?;
-        let picked: Vec<f32> = lp.gather(&idx, 1)?.flatten_all()?.to_vec1()?;
+        let mut picked: Vec<f32> = Vec::with_capacity(at.len());
+        for (at, tgt) in at.chunks(lim.max_logit_rows.max(1)).zip(tgt.chunks(lim.max_logit_rows.max(1))) {
+            let lp = model.log_probs_at(&hidden, at)?;
+            let idx = Tensor::from_slice(tgt, (tgt.len(), 1), model.device())?;
+            picked.extend(lp.gather(&idx, 1)?.flatten_all()?.to_vec1::<f32>()?);
+        }
         for (p, (vi, i)) in picked.into_iter().zip(owner) {
             out[vi][i].push(p);
         }
@@ -120,19 +141,23 @@ pub fn score_targets(
 }
 
 /// Greedy generation for every prompt and variant: new token ids (ending with the eos token when
-/// one was produced). `max_new[i]` caps item i.
+/// one was produced). `max_new[i]` caps item i. Up to `max_rows` rows decode together; their
+/// prompts are prefilled in chunks of at most `max_tokens` tokens.
 pub fn generate(
     model: &Glm,
     prompts: &[Vec<u32>],
     max_new: &[usize],
     variants: &[Variant],
     lim: BatchLimits,
+    gen: GenOptions,
 ) -> Result<Vec<Vec<Vec<u32>>>> {
     let mut out = vec![vec![Vec::new(); prompts.len()]; variants.len()];
     let lengths: Vec<usize> = prompts.iter().map(|p| p.len()).collect();
     let eos = &model.cfg.eos_ids;
     let pad_id = model.cfg.pad_id.unwrap_or(0);
-    for batch in plan(&lengths, variants.len(), lim) {
+    // Decode batches are bounded by rows only: one decode step reads the weights once for all rows.
+    let decode_lim = BatchLimits { max_tokens: usize::MAX, ..lim };
+    for batch in plan(&lengths, variants.len(), decode_lim) {
         let mut rows: Vec<&[u32]> = Vec::new();
         let mut sel = Vec::new();
         let mut which = Vec::new();
@@ -148,13 +173,24 @@ pub fn generate(
             continue;
         }
         let (ids, pads) = left_pad(&rows, pad_id, model.device())?;
+        let t = ids.dims()[1];
+        // Prefill in row chunks that fit the token budget, then stack their caches.
+        let chunk = (lim.max_tokens / t.max(1)).clamp(1, rows.len());
+        let mut caches = Vec::new();
+        let mut last = Vec::new();
+        for start in (0..rows.len()).step_by(chunk) {
+            let n = chunk.min(rows.len() - start);
+            let sel_c = RowSelection::new(sel[start..start + n].to_vec(), model.device(), model.dtype());
+            let mut cache = model.new_cache(t + steps);
+            let hidden = model.forward(&ids.narrow(0, start, n)?, &pads[start..start + n], &sel_c, Some(&mut cache))?;
+            last.push(model.last_logits(&hidden)?.argmax(1)?);
+            caches.push(cache);
+        }
+        let mut cache = if caches.len() == 1 { caches.remove(0) } else { model.concat_caches(caches, t + steps)? };
         let sel = RowSelection::new(sel, model.device(), model.dtype());
-        let mut cache = model.new_cache(ids.dims()[1] + steps);
+        let mut next: Vec<u32> = Tensor::cat(&last, 0)?.to_vec1()?;
         let mut done = vec![false; rows.len()];
-        let mut input = ids;
         for step in 0..steps {
-            let hidden = model.forward(&input, &pads, &sel, Some(&mut cache))?;
-            let next: Vec<u32> = model.last_logits(&hidden)?.argmax(1)?.to_vec1()?;
             for (r, &tok) in next.iter().enumerate() {
                 let (vi, i) = which[r];
                 if done[r] || step >= max_new[i] {
@@ -162,14 +198,16 @@ pub fn generate(
                     continue;
                 }
                 out[vi][i].push(tok);
-                if eos.contains(&tok) {
+                if gen.stop_at_eos && eos.contains(&tok) {
                     done[r] = true;
                 }
             }
-            if done.iter().all(|d| *d) {
+            if done.iter().all(|d| *d) || step + 1 == steps {
                 break;
             }
-            input = Tensor::from_vec(next, (rows.len(), 1), model.device())?;
+            let input = Tensor::from_vec(next, (rows.len(), 1), model.device())?;
+            let hidden = model.forward(&input, &pads, &sel, Some(&mut cache))?;
+            next = model.last_logits(&hidden)?.argmax(1)?.to_vec1()?;
         }
     }
     Ok(out)
