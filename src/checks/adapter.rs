@@ -203,9 +203,10 @@ pub fn check_effect(
     let (mut changed, mut total, mut err_sq, mut delta_sq) = (0f64, 0f64, 0f64, 0f64);
     for ((layer, target, delta), name) in matched.deltas.iter().zip(&matched.matched_modules) {
         let w = weight(*layer, *target)?;
-        let dw = delta.delta_weight()?; // [len, in] f32
+        // On the model's device: copying base weights to the host would cost a full model read.
+        let dw = delta.delta_weight()?.to_device(w.device())?; // [len, in] f32
         let len = dw.dims()[0];
-        let w = w.narrow(0, delta.out_start, len)?.to_dtype(DType::F32)?.to_device(dw.device())?;
+        let w = w.narrow(0, delta.out_start, len)?.to_dtype(DType::F32)?;
         let wn = w.sqr()?.sum_all()?.to_scalar::<f32>()?.sqrt() as f64;
         let dn = dw.sqr()?.sum_all()?.to_scalar::<f32>()?.sqrt() as f64;
         // What a bf16 merge keeps: bf16(W + ΔW) − bf16(W) against ΔW. Elements whose delta is under

@@ -221,6 +221,7 @@ impl Glm {
     /// in `RowSelection`. Replaces any adapters attached before.
     pub fn attach(&mut self, adapters: &[Vec<(usize, Target, LoraDelta)>]) -> Result<()> {
         let dtype = self.dtype;
+        let device = self.device.clone();
         for (li, layer) in self.layers.iter_mut().enumerate() {
             for t in [Target::Qkv, Target::O, Target::GateUp, Target::Down] {
                 let lin = layer.linear_mut(t);
@@ -228,7 +229,7 @@ impl Glm {
                     .iter()
                     .map(|ds| ds.iter().filter(|(l, tt, _)| *l == li && *tt == t).map(|(_, _, d)| d.clone()).collect())
                     .collect();
-                lin.lora = LoraStack::build(lin.out_features(), &per, dtype)?;
+                lin.lora = LoraStack::build(lin.out_features(), &per, dtype, &device)?;
             }
         }
         self.adapters = adapters.len();

@@ -49,7 +49,7 @@ pub struct LoraStack {
 
 impl LoraStack {
     /// Stacks the deltas of several adapters: `per_adapter[k]` holds adapter k's deltas on this linear.
-    pub fn build(out: usize, per_adapter: &[Vec<LoraDelta>], dtype: DType) -> Result<Option<Self>> {
+    pub fn build(out: usize, per_adapter: &[Vec<LoraDelta>], dtype: DType, device: &Device) -> Result<Option<Self>> {
         let mut a_rows = Vec::new();
         let mut b_cols: Vec<Tensor> = Vec::new();
         let mut segments = Vec::new();
@@ -80,8 +80,8 @@ impl LoraStack {
             return Ok(None);
         }
         Ok(Some(LoraStack {
-            a: Tensor::cat(&a_rows, 0)?.to_dtype(dtype)?,
-            b: Tensor::cat(&b_cols, 1)?.to_dtype(dtype)?,
+            a: Tensor::cat(&a_rows, 0)?.to_dtype(dtype)?.to_device(device)?,
+            b: Tensor::cat(&b_cols, 1)?.to_dtype(dtype)?.to_device(device)?,
             segments,
         }))
     }
