@@ -6,6 +6,7 @@
 
 pub mod adapter;
 pub mod data;
+pub mod demo;
 pub mod checks;
 pub mod finding;
 pub mod model;
