@@ -9,6 +9,7 @@ pub mod baseline;
 pub mod checks;
 pub mod compare;
 pub mod data;
+pub mod demo;
 pub mod device;
 pub mod finding;
 pub mod model;

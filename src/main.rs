@@ -28,8 +28,22 @@ enum Command {
     Check(VerifyArgs),
     /// Show which tokens of a few rows are trained, and the length table.
     InspectData(InspectArgs),
+    /// Build a tiny GLM-4 and real LoRA adapters (good, untrained, truncated labels, wrong keys), then verify them.
+    Demo(DemoArgs),
     /// Score every checkpoint-N of a training output directory (or the adapters given) against one base load.
     Compare(CompareArgs),
+}
+
+#[derive(Args)]
+struct DemoArgs {
+    /// Where to write the demo's model, data and adapters (default: a temporary directory).
+    #[arg(long, value_name = "DIR")]
+    dir: Option<PathBuf>,
+    /// Keep the temporary directory.
+    #[arg(long)]
+    keep: bool,
+    #[arg(long, default_value_t = 7)]
+    seed: u64,
 }
 
 #[derive(Args)]
@@ -192,6 +206,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             emit(&text, c.verify.output.as_ref())?;
             Ok(if rep.any_passed() { ExitCode::SUCCESS } else { ExitCode::from(1) })
         }
+        Some(Command::Demo(d)) => demo(d),
         Some(Command::InspectData(a)) => {
             let color = std::io::stdout().is_terminal();
             let text = glm4_verify::preflight::inspect_data(&a.data, a.config.as_deref(), &a.tokenizer, a.rows, color)?;
@@ -201,7 +216,64 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     }
 }
 
+/// Builds the demo's artefacts, verifies each adapter, and checks every verdict is the expected one.
+fn demo(d: DemoArgs) -> anyhow::Result<ExitCode> {
+    let (dir, temporary) = match &d.dir {
+        Some(p) => (p.clone(), false),
+        None => (std::env::temp_dir().join(format!("glm4-verify-demo-{}", std::process::id())), true),
+    };
+    let t0 = std::time::Instant::now();
+    eprintln!(
+        "building the demo in {} (tiny GLM-4, tokenizer, data, LoRA adapters trained with candle)",
+        dir.display()
+    );
+    let files = glm4_verify::demo::build(&dir, d.seed)?;
+    for line in &files.log {
+        eprintln!("  {line}");
+    }
+    let color = std::io::stdout().is_terminal();
+    let mut table = Vec::new();
+    for (name, path, expected) in &files.adapters {
+        // The truncated adapter is verified with the config it was trained with, as a user would.
+        let config = if name == "truncated" { &files.truncated_config } else { &files.config };
+        let opts = Options {
+            adapters: vec![path.clone()],
+            base: Some(files.base.display().to_string()),
+            data: vec![files.data.clone()],
+            config: Some(config.clone()),
+            device: "cpu".into(),
+            ..Options::default()
+        };
+        let r = pipeline::verify(&opts)?.remove(0);
+        println!("── {name} ──");
+        print!("{}", report::render(std::slice::from_ref(&r), Format::Text, color)?);
+        println!();
+        let ok = if expected == "pass" { r.passed() } else { !r.passed() };
+        table.push((name.clone(), expected.clone(), r.verdict.as_str().to_string(), r.cause.clone(), ok));
+    }
+    println!("demo summary ({:.1}s):", t0.elapsed().as_secs_f64());
+    for (name, expected, got, cause, ok) in &table {
+        println!(
+            "  {:<11} expected {:<10} got {:<10} {}  {cause}",
+            name,
+            expected,
+            got,
+            if *ok { "ok" } else { "UNEXPECTED" }
+        );
+    }
+    if temporary && !d.keep {
+        let _ = std::fs::remove_dir_all(&dir);
+    } else {
+        println!("files kept in {}", dir.display());
+    }
+    Ok(if table.iter().all(|t| t.4) { ExitCode::SUCCESS } else { ExitCode::from(1) })
+}
+
 fn main() -> ExitCode {
+    if std::env::args().nth(1).as_deref() == Some("demo") {
+        // Tiny tensors: candle's thread pools cost more than they give (see demo::prefer_single_thread).
+        glm4_verify::demo::prefer_single_thread();
+    }
     let cli = match Cli::try_parse() {
         Ok(c) => c,
         Err(e) => {
