@@ -21,7 +21,8 @@ fn demo_runs_end_to_end_with_the_expected_verdicts() {
         assert!(stdout.contains(line), "missing {line:?} in\n{stdout}");
     }
     // Real artefacts in the real formats.
-    for f in ["base/config.json", "base/model.safetensors", "base/tokenizer.json", "adapters/good/adapter_config.json"] {
+    for f in ["base/config.json", "base/model.safetensors", "base/tokenizer.json", "adapters/good/adapter_config.json"]
+    {
         assert!(dir.path().join(f).is_file(), "{f}");
     }
     assert!(dir.path().join("adapters/good/adapter_model.safetensors").is_file());

@@ -192,11 +192,10 @@ pub fn build_with(dir: &Path, seed: u64, s: &Settings) -> Result<DemoFiles> {
     // The truncated adapter only learned to put a line break after <|assistant|> (the one label
     // left in a few rows): verified with lora-truncated.yaml it fails on the truncation finding (on
     // the full targets it does worse than the base: regressed).
-    let adapters =
-        [("good", "pass"), ("untrained", "no_effect"), ("truncated", "fail"), ("wrong-keys", "no_effect")]
-            .iter()
-            .map(|(n, v)| (n.to_string(), adapters.join(n), v.to_string()))
-            .collect();
+    let adapters = [("good", "pass"), ("untrained", "no_effect"), ("truncated", "fail"), ("wrong-keys", "no_effect")]
+        .iter()
+        .map(|(n, v)| (n.to_string(), adapters.join(n), v.to_string()))
+        .collect();
     Ok(DemoFiles { base, data, config, truncated_config, adapters, log })
 }
 
