@@ -201,6 +201,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 Format::Json => serde_json::to_string_pretty(&rep)? + "\n",
                 Format::Markdown => glm4_verify::compare::render_text(&rep, true),
                 Format::Junit => report::render(&rep.reports, Format::Junit, false)?,
+                Format::Html => glm4_verify::report::html::render_compare(&rep)?,
                 Format::Text => glm4_verify::compare::render_text(&rep, false),
             };
             emit(&text, c.verify.output.as_ref())?;

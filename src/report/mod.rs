@@ -1,5 +1,6 @@
 //! The report of a run: one struct, several renderers.
 
+pub mod html;
 pub mod junit;
 pub mod markdown;
 pub mod text;
@@ -124,6 +125,8 @@ pub enum Format {
     Json,
     Junit,
     Markdown,
+    /// One self-contained page (inline CSS and SVG plots).
+    Html,
 }
 
 /// Renders reports (one per adapter) in a format.
@@ -143,6 +146,7 @@ pub fn render(reports: &[Report], format: Format, color: bool) -> anyhow::Result
         Format::Text => reports.iter().map(|r| text::render(r, color)).collect::<Vec<_>>().join("\n"),
         Format::Markdown => reports.iter().map(markdown::render).collect::<Vec<_>>().join("\n"),
         Format::Junit => junit::render(reports)?,
+        Format::Html => html::render_all(reports)?,
     })
 }
 
