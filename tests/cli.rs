@@ -196,9 +196,13 @@ fn training_output_directory_uses_the_highest_checkpoint() {
 fn every_report_format_is_produced() {
     let tmp = tempfile::tempdir().unwrap();
     let (a, b, d) = (f("adapters/untrained"), f("base"), f("data/train.jsonl"));
-    for (fmt, check) in
-        [("text", "NO EFFECT"), ("markdown", "**no_effect**"), ("junit", "<testsuites"), ("json", "\"no_effect\"")]
-    {
+    for (fmt, check) in [
+        ("text", "NO EFFECT"),
+        ("markdown", "**no_effect**"),
+        ("junit", "<testsuites"),
+        ("json", "\"no_effect\""),
+        ("html", "<svg"),
+    ] {
         let out: PathBuf = tmp.path().join(format!("report.{fmt}"));
         let (code, stdout, err) = run(&[
             "--adapter",
