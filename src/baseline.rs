@@ -15,12 +15,11 @@ pub fn load(path: &Path, current: &Report) -> Result<Report> {
     let text = std::fs::read_to_string(path).with_context(|| format!("cannot read baseline {}", path.display()))?;
     let v: serde_json::Value =
         serde_json::from_str(&text).with_context(|| format!("baseline {} is not a JSON report", path.display()))?;
-    let sv = v.get("schema_version").and_then(|s| s.as_u64());
-    if sv != Some(SCHEMA_VERSION as u64) {
+    let sv = v.get("schema_version").cloned().unwrap_or(serde_json::Value::Null);
+    if sv != SCHEMA_VERSION {
         bail!(
-            "baseline {} has schema_version {:?}, this glm4-verify writes {SCHEMA_VERSION}: regenerate the baseline with this version",
-            path.display(),
-            sv
+            "baseline {} has schema_version {sv}, this glm4-verify writes {SCHEMA_VERSION}: regenerate the baseline with this version",
+            path.display()
         );
     }
     let base: Report = serde_json::from_value(v)

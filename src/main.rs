@@ -135,6 +135,9 @@ fn options(a: &VerifyArgs) -> anyhow::Result<Options> {
                 .ok_or_else(|| anyhow::anyhow!("--batch-size {n}: expected a positive number or auto"))?,
         ),
     };
+    if a.samples == Some(0) {
+        anyhow::bail!("--samples 0: expected a positive number of rows");
+    }
     Ok(Options {
         adapters: a.adapters.clone(),
         base: a.base.clone(),

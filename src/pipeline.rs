@@ -157,7 +157,8 @@ pub fn resolve_base(arg: Option<&str>, adapter: Option<&Path>) -> Result<PathBuf
         if c.join("config.json").is_file() {
             return Ok(c);
         }
-        tried.push(c.display().to_string());
+        let why = if c.is_dir() { " (a directory, but without config.json)" } else { "" };
+        tried.push(format!("{}{why}", c.display()));
     }
     if let Some(found) = hf_cache_lookup(&name, &mut tried) {
         return Ok(found);
@@ -206,8 +207,21 @@ fn hf_cache_lookup(id: &str, tried: &mut Vec<String>) -> Option<PathBuf> {
     None
 }
 
+/// The data paths of a run (`--data`, else the suite's `data:`) and where they were named.
+pub fn data_paths(opts: &Options) -> (Vec<PathBuf>, String) {
+    if !opts.data.is_empty() {
+        return (opts.data.clone(), "--data".into());
+    }
+    let origin = match &opts.suite.source {
+        Some(p) => format!("suite {}: data", p.display()),
+        None => "the suite's data".into(),
+    };
+    (opts.suite.data.clone(), origin)
+}
+
 /// Data files: jsonl files as given, or a directory read through lora.yaml's data_config.
-pub fn data_files(data: &[PathBuf], config: Option<&Path>, split: &str) -> Result<Vec<PathBuf>> {
+/// `origin` names where the paths came from, for messages (`--data`, a suite).
+pub fn data_files(data: &[PathBuf], origin: &str, config: Option<&Path>, split: &str) -> Result<Vec<PathBuf>> {
     let mut out = Vec::new();
     for d in data {
         if d.is_dir() {
@@ -217,15 +231,15 @@ pub fn data_files(data: &[PathBuf], config: Option<&Path>, split: &str) -> Resul
                 "test" => "test_file",
                 other => bail!("--split {other}: expected train, val or test"),
             };
-            let from_cfg = config.and_then(|c| {
-                let v: serde_yaml::Value = serde_yaml::from_str(&std::fs::read_to_string(c).ok()?).ok()?;
-                v.get("data_config")?.get(key)?.as_str().map(String::from)
-            });
+            let from_cfg = match config {
+                Some(c) => data_config_file(c, key)?,
+                None => None,
+            };
             let name = from_cfg.unwrap_or_else(|| format!("{split}.jsonl"));
             let f = d.join(&name);
             if !f.is_file() {
                 bail!(
-                    "--data {}: a data directory is read through lora.yaml's data_config.{key}; {} does not exist (pass --config lora.yaml, or a .jsonl file)",
+                    "{origin} {}: a data directory is read through lora.yaml's data_config.{key}; {} does not exist (pass --config lora.yaml, or a .jsonl file)",
                     d.display(),
                     f.display()
                 );
@@ -234,13 +248,29 @@ pub fn data_files(data: &[PathBuf], config: Option<&Path>, split: &str) -> Resul
         } else if d.is_file() {
             out.push(d.clone());
         } else {
-            bail!("--data {}: no such file or directory", d.display());
+            bail!("{origin} {}: no such file or directory", d.display());
         }
     }
     if out.is_empty() {
         bail!("no data: pass --data FILE.jsonl (finetune_demo format) or a suite with data");
     }
     Ok(out)
+}
+
+/// `data_config.<key>` of a lora.yaml: the file a data directory is read through.
+fn data_config_file(config: &Path, key: &str) -> Result<Option<String>> {
+    let text = std::fs::read_to_string(config).with_context(|| format!("cannot read config {}", config.display()))?;
+    let v: serde_yaml::Value =
+        serde_yaml::from_str(&text).with_context(|| format!("{} is not valid YAML", config.display()))?;
+    match v.get("data_config").and_then(|d| d.get(key)) {
+        None | Some(serde_yaml::Value::Null) => Ok(None),
+        Some(serde_yaml::Value::String(s)) => Ok(Some(s.clone())),
+        Some(x) => bail!(
+            "{}: data_config.{key} must be a file name, found {}",
+            config.display(),
+            serde_yaml::to_string(x).unwrap_or_default().trim()
+        ),
+    }
 }
 
 /// One data row prepared for scoring.
@@ -257,6 +287,7 @@ fn prepare_data(
     files: &[PathBuf],
     recipe: &Recipe,
     opts: &Options,
+    context: Option<usize>,
     findings: &mut Vec<Finding>,
 ) -> Result<Vec<Prepared>> {
     let mut rows = Vec::new();
@@ -267,10 +298,7 @@ fn prepare_data(
         rows.extend(r);
     }
     if rows.is_empty() {
-        bail!(
-            "no usable rows in {}: see the data_format problems above, or run `glm4-verify check`",
-            files.iter().map(|f| f.display().to_string()).collect::<Vec<_>>().join(", ")
-        );
+        return Err(checks::data_format::no_usable_rows(files, findings));
     }
     // Replay the recipe on every row (label checks want all of them), then sample.
     let mut prepared = Vec::new();
@@ -291,6 +319,9 @@ fn prepare_data(
         .map(|(p, s)| ReplayedRow { source: s, line: p.row.line, encoded: &p.encoded, prompt_len: p.prompt.len() })
         .collect();
     findings.extend(checks::labels::check_labels(&replayed, recipe));
+    if let Some(ctx) = context {
+        prepared = fit_context(prepared, ctx, findings)?;
+    }
     let limit = opts.samples.or(opts.suite.samples);
     match limit {
         Some(n) if n < prepared.len() => {
@@ -303,6 +334,36 @@ fn prepare_data(
         _ => {}
     }
     Ok(prepared)
+}
+
+/// Keeps the rows the model can take whole: scored sequence and generation prompt within its
+/// context. Longer rows say nothing about the adapter, and their attention would not fit in memory.
+fn fit_context(prepared: Vec<Prepared>, ctx: usize, findings: &mut Vec<Finding>) -> Result<Vec<Prepared>> {
+    let total = prepared.len();
+    let (fit, long): (Vec<Prepared>, Vec<Prepared>) =
+        prepared.into_iter().partition(|p| p.encoded.input_ids.len() <= ctx && p.prompt.len() < ctx);
+    if long.is_empty() {
+        return Ok(fit);
+    }
+    let at: Vec<String> = long
+        .iter()
+        .map(|p| {
+            let n = p.encoded.input_ids.len().max(p.prompt.len());
+            format!("{}:{} ({n} tokens)", p.row.source.display(), p.row.line)
+        })
+        .collect();
+    let more = if at.len() > 5 { ", ..." } else { "" };
+    let msg = format!(
+        "{} of {total} rows are longer than the model's context of {ctx} tokens (config.json) and are not scored: {}{more}",
+        long.len(),
+        at[..at.len().min(5)].join(", ")
+    );
+    if fit.is_empty() {
+        bail!("{msg}; pass --config with the max_input_length/max_output_length of the training, or shorter rows");
+    }
+    let evidence = json!({"rows": long.len(), "context": ctx, "lines": at.iter().take(20).collect::<Vec<_>>()});
+    findings.push(Finding::warning("data_too_long", msg).with_evidence(evidence));
+    Ok(fit)
 }
 
 /// Tokens that only format the answer: special tokens and whitespace-only pieces.
@@ -330,17 +391,23 @@ pub fn verify(opts: &Options) -> Result<Vec<Report>> {
     let dev = device::select(&opts.device)?;
     let dinfo = device::info(&dev);
     let dtype = device::dtype(&opts.dtype, &dinfo)?;
-    let tok = GlmTokenizer::from_dir(&base_dir)
-        .or_else(|e| first_lora.as_deref().map(GlmTokenizer::from_dir).unwrap_or(Err(e)))?;
+    let context = model::ModelConfig::from_dir(&base_dir)?.max_positions;
+    // An adapter saved with its tokenizer may stand in for the base's; otherwise the base's error stands.
+    let has_tokenizer = |d: &Path| d.join("tokenizer.json").is_file() || d.join("tokenizer.model").is_file();
+    let tok = match (GlmTokenizer::from_dir(&base_dir), first_lora.as_deref().filter(|d| has_tokenizer(d))) {
+        (Ok(t), _) => t,
+        (Err(_), Some(d)) => GlmTokenizer::from_dir(d)?,
+        (Err(e), None) => return Err(e),
+    };
     let config = opts.config.clone().or(opts.suite.config.clone());
     let recipe = match &config {
         Some(c) => Recipe::from_file(c)?,
         None => Recipe::default(),
     };
     let mut common = Vec::new();
-    let data_paths = if opts.data.is_empty() { opts.suite.data.clone() } else { opts.data.clone() };
-    let files = data_files(&data_paths, config.as_deref(), &opts.split)?;
-    let prepared = prepare_data(&tok, &files, &recipe, opts, &mut common)?;
+    let (data, origin) = data_paths(opts);
+    let files = data_files(&data, &origin, config.as_deref(), &opts.split)?;
+    let prepared = prepare_data(&tok, &files, &recipe, opts, context, &mut common)?;
     // Precision: the device, the run's dtype, and what training asked for.
     let (tb, tf) = match &config {
         Some(c) => std::fs::read_to_string(c)
@@ -385,7 +452,15 @@ pub fn verify(opts: &Options) -> Result<Vec<Report>> {
                     note: note.clone(),
                 };
                 lora_slots.push(Some(attach.len()));
-                attach.push(m.deltas);
+                // Base and adapter rows share batches, and 0·NaN = NaN: a NaN adapter would poison
+                // every row. It is not applied; its finding says so.
+                match fs.iter_mut().find(|f| f.code == "adapter_nonfinite") {
+                    Some(f) => {
+                        f.message.push_str("; not applied in this run, so its numbers are the base's");
+                        attach.push(vec![]);
+                    }
+                    None => attach.push(m.deltas),
+                }
                 per_adapter.push((fs, info));
             }
             AdapterInput::Merged { dir } => {
@@ -411,6 +486,7 @@ pub fn verify(opts: &Options) -> Result<Vec<Report>> {
             opts.max_new_tokens
                 .or(opts.suite.max_new_tokens)
                 .unwrap_or_else(|| tok.encode(&p.answer).map(|t| t.len()).unwrap_or(64) + 16)
+                .min(context.map_or(usize::MAX, |c| c - p.prompt.len()))
         })
         .collect();
 
@@ -443,6 +519,20 @@ pub fn verify(opts: &Options) -> Result<Vec<Report>> {
     }
 
     let base_lp = lp.remove(0);
+    if let Some(i) = base_lp.iter().position(|l| l.iter().any(|x| !x.is_finite())) {
+        let at = format!("{}:{}", prepared[i].row.source.display(), prepared[i].row.line);
+        let why = match model::weights::Weights::open_dir(&base_dir)?.first_nonfinite()? {
+            Some(t) => {
+                format!("tensor {t} holds NaN or Inf: the checkpoint is corrupt (a diverged or overflowed save?)")
+            }
+            None if dtype == DType::F32 => "its weights are finite, but the activations overflow even in f32".into(),
+            None => format!(
+                "its weights are finite, so the activations overflow {}: run with --dtype f32",
+                device::dtype_name(dtype)
+            ),
+        };
+        bail!("the base model {} gives NaN/Inf log-probabilities ({at}); {why}", base_dir.display());
+    }
     let base_gen = gens.remove(0);
     let mut lora_iter = lp.into_iter().zip(gens);
     let mut merged_iter = merged_results.into_iter();
@@ -486,6 +576,17 @@ pub fn verify(opts: &Options) -> Result<Vec<Report>> {
             })
             .collect();
         let (summary, samples) = summarize(&measured);
+        // A merged model runs alone: NaN in it shows only in its own numbers.
+        if let Some(i) = tl.iter().position(|l| l.iter().any(|x| !x.is_finite())) {
+            if !fs.iter().any(|f| f.code == "adapter_nonfinite") {
+                let at = format!("{}:{}", prepared[i].row.source.display(), prepared[i].row.line);
+                let msg = format!(
+                    "the tuned model gives NaN/Inf log-probabilities ({at}): its weights hold NaN/Inf, or it overflows {}; check the checkpoint, or run with --dtype f32",
+                    device::dtype_name(dtype)
+                );
+                fs.push(Finding::error("adapter_nonfinite", msg));
+            }
+        }
         let mut findings = common.clone();
         findings.append(&mut fs);
         let (v, cause) = verdict::decide(&summary, &findings, &opts.suite.gates);

@@ -3,7 +3,7 @@
 use std::fmt::Write;
 use std::path::Path;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 
 use crate::adapter::{match_to_base, Adapter};
 use crate::checks;
@@ -11,7 +11,7 @@ use crate::checks::labels::ReplayedRow;
 use crate::finding::{Finding, Severity};
 use crate::model::weights::Weights;
 use crate::model::ModelConfig;
-use crate::pipeline::{data_files, resolve_adapter, resolve_base, AdapterInput, Options};
+use crate::pipeline::{data_files, data_paths, resolve_adapter, resolve_base, AdapterInput, Options};
 use crate::report::Format;
 use crate::tokenizer::recipe::{encode, prompt_and_answer, Encoded, Recipe, IGNORE};
 use crate::tokenizer::GlmTokenizer;
@@ -37,14 +37,14 @@ pub fn check(opts: &Options) -> Result<Vec<Finding>> {
         }
     }
     let config = opts.config.clone().or(opts.suite.config.clone());
-    let data = if opts.data.is_empty() { opts.suite.data.clone() } else { opts.data.clone() };
+    let (data, origin) = data_paths(opts);
     if !data.is_empty() {
         let tok = GlmTokenizer::from_dir(&base_dir)?;
         let recipe = match &config {
             Some(c) => Recipe::from_file(c)?,
             None => Recipe::default(),
         };
-        for f in data_files(&data, config.as_deref(), &opts.split)? {
+        for f in data_files(&data, &origin, config.as_deref(), &opts.split)? {
             let (rows, fs) = checks::data_format::scan_jsonl(&f)?;
             out.extend(fs);
             out.extend(checks::data_format::check_rows(&rows));
@@ -66,8 +66,9 @@ fn replay(tok: &GlmTokenizer, rows: &[crate::data::Row], recipe: &Recipe) -> Res
     let mut enc = Vec::new();
     let mut prompts = Vec::new();
     for r in rows {
-        enc.push(encode(tok, &r.messages, recipe)?);
-        prompts.push(prompt_and_answer(tok, &r.messages)?.map(|(p, _)| p.len()).unwrap_or(0));
+        let at = || format!("{}:{}", r.source.display(), r.line);
+        enc.push(encode(tok, &r.messages, recipe).with_context(at)?);
+        prompts.push(prompt_and_answer(tok, &r.messages).with_context(at)?.map(|(p, _)| p.len()).unwrap_or(0));
     }
     Ok((enc, prompts))
 }
@@ -109,6 +110,9 @@ pub fn inspect_data(data: &Path, config: Option<&Path>, tokenizer: &Path, rows: 
         None => Recipe::default(),
     };
     let (all, fs) = checks::data_format::scan_jsonl(data)?;
+    if all.is_empty() {
+        return Err(checks::data_format::no_usable_rows(&[data.to_path_buf()], &fs));
+    }
     let (encoded, prompts) = replay(&tok, &all, &recipe)?;
     let mut o = String::new();
     let _ = writeln!(

@@ -2,7 +2,7 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
 /// Thresholds of the verdict rules (README: "Verdict rules").
@@ -63,6 +63,9 @@ pub struct Suite {
     pub batch_size: Option<usize>,
     pub gates: Gates,
     pub regression: Regression,
+    /// The file the suite was read from (None: built in).
+    #[serde(skip)]
+    pub source: Option<PathBuf>,
 }
 
 /// The built-in default suite (same as suites/default.yaml).
@@ -70,7 +73,36 @@ pub const DEFAULT_SUITE: &str = include_str!("../suites/default.yaml");
 
 impl Suite {
     pub fn parse(text: &str, origin: &str) -> Result<Self> {
-        serde_yaml::from_str(text).with_context(|| format!("invalid suite {origin}"))
+        let s: Suite = serde_yaml::from_str(text).with_context(|| format!("invalid suite {origin}"))?;
+        s.validate().with_context(|| format!("invalid suite {origin}"))?;
+        Ok(s)
+    }
+
+    /// Gates that are NaN or infinite would pass or fail everything; counts of 0 measure nothing.
+    fn validate(&self) -> Result<()> {
+        let (g, r) = (&self.gates, &self.regression);
+        for (name, x) in [
+            ("gates.no_effect_max_change_per_token", g.no_effect_max_change_per_token),
+            ("gates.no_effect_min_identical_generations", g.no_effect_min_identical_generations),
+            ("gates.regressed_below_gain_per_token", g.regressed_below_gain_per_token),
+            ("gates.min_answer_gain_per_token", g.min_answer_gain_per_token),
+            ("gates.min_improved_fraction", g.min_improved_fraction),
+            ("gates.min_similarity_gain", g.min_similarity_gain),
+            ("regression.max_logprob_drop_per_token", r.max_logprob_drop_per_token),
+            ("regression.max_similarity_drop", r.max_similarity_drop),
+        ] {
+            if !x.is_finite() {
+                bail!("{name} is {x}: gates and tolerances must be finite numbers");
+            }
+        }
+        for (name, x) in
+            [("samples", self.samples), ("max_new_tokens", self.max_new_tokens), ("batch_size", self.batch_size)]
+        {
+            if x == Some(0) {
+                bail!("{name} is 0: expected a positive number (or leave it out)");
+            }
+        }
+        Ok(())
     }
 
     /// Reads a suite file; relative paths in it are taken relative to the file.
@@ -83,6 +115,7 @@ impl Suite {
         if s.name.is_none() {
             s.name = path.file_stem().map(|n| n.to_string_lossy().into_owned());
         }
+        s.source = Some(path.to_path_buf());
         Ok(s)
     }
 

@@ -341,8 +341,11 @@ pub fn match_to_base(adapter: &Adapter, cfg: &ModelConfig) -> Result<Matched> {
                 continue;
             }
         }
-        let (ra, ina) = p.a.dims2()?;
-        let (outb, rb) = p.b.dims2()?;
+        let (&[ra, ina], &[outb, rb]) = (p.a.dims(), p.b.dims()) else {
+            let (key, dims) = if p.a.rank() != 2 { (&p.key_a, p.a.dims()) } else { (&p.key_b, p.b.dims()) };
+            out.shape_mismatch.push((p.module.clone(), format!("{key} has shape {dims:?}; LoRA weights are matrices")));
+            continue;
+        };
         let r_cfg = adapter.config.rank_for(&p.module);
         let problem = if ra != rb {
             Some(format!("lora_A has rank {ra} but lora_B has rank {rb}"))

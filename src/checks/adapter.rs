@@ -205,6 +205,9 @@ pub fn check_effect(
         let w = weight(*layer, *target)?;
         // On the model's device: copying base weights to the host would cost a full model read.
         let dw = delta.delta_weight()?.to_device(w.device())?; // [len, in] f32
+        if !all_finite(&dw)? {
+            continue; // adapter_nonfinite reports it; NaN would make every number below NaN
+        }
         let len = dw.dims()[0];
         let w = w.narrow(0, delta.out_start, len)?.to_dtype(DType::F32)?;
         let wn = w.sqr()?.sum_all()?.to_scalar::<f32>()?.sqrt() as f64;

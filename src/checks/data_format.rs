@@ -30,11 +30,15 @@ const EVIDENCE_LINES: usize = 20;
 const MESSAGE_LINES: usize = 5;
 /// Distinct unknown role names kept in the evidence.
 const EVIDENCE_ROLES: usize = 10;
+/// Longest line read as a row. A 128k-token GLM-4 conversation is a few MiB even with every
+/// character escaped; a longer line is a broken file, and replaying it would take minutes.
+pub const MAX_LINE_BYTES: usize = 16 << 20;
 
 /// The kinds of problem, in the order their findings are reported.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 enum Problem {
     EmptyFile,
+    LineTooLong,
     NotUtf8,
     InvalidJson,
     NoMessages,
@@ -56,6 +60,7 @@ impl Problem {
     fn key(self) -> &'static str {
         match self {
             Problem::EmptyFile => "empty_file",
+            Problem::LineTooLong => "line_too_long",
             Problem::NotUtf8 => "not_utf8",
             Problem::InvalidJson => "invalid_json",
             Problem::NoMessages => "no_messages",
@@ -88,6 +93,7 @@ impl Problem {
     fn what(self) -> &'static str {
         match self {
             Problem::EmptyFile => "no rows (the file is empty)",
+            Problem::LineTooLong => "line longer than 16 MiB (skipped)",
             Problem::NotUtf8 => "not valid UTF-8 (skipped)",
             Problem::InvalidJson => "invalid JSON (skipped)",
             Problem::NoMessages => "no \"messages\" array (skipped)",
@@ -111,6 +117,7 @@ impl Problem {
     fn fix(self) -> &'static str {
         match self {
             Problem::EmptyFile => "expected one {\"messages\": [{\"role\": ..., \"content\": ...}]} object per line",
+            Problem::LineTooLong => "no conversation is this long: are newlines missing between rows?",
             Problem::NotUtf8 => "save the file as UTF-8",
             Problem::InvalidJson => "each line must be one complete JSON object; fix or delete these lines",
             Problem::NoMessages | Problem::MessagesNotArray | Problem::Unusable => {
@@ -219,6 +226,12 @@ pub fn scan_jsonl(path: &Path) -> Result<(Vec<Row>, Vec<Finding>)> {
     for (i, raw) in body.split(|&b| b == b'\n').enumerate() {
         let line = i + 1;
         let raw = raw.strip_suffix(b"\r").unwrap_or(raw);
+        if raw.len() > MAX_LINE_BYTES {
+            seen_line = true;
+            let mib = raw.len() as f64 / (1 << 20) as f64;
+            groups.add(path, line, Problem::LineTooLong, || format!("the line is {mib:.1} MiB"));
+            continue;
+        }
         let text = match std::str::from_utf8(raw) {
             Ok(t) => t,
             Err(e) => {
@@ -249,6 +262,17 @@ pub fn scan_jsonl(path: &Path) -> Result<(Vec<Row>, Vec<Finding>)> {
         groups.add_file(path, Problem::EmptyFile);
     }
     Ok((rows, groups.into_findings()))
+}
+
+/// The error for data files without one usable row: names the problems `scan_jsonl` found.
+pub fn no_usable_rows(files: &[PathBuf], findings: &[Finding]) -> anyhow::Error {
+    let names: Vec<String> = files.iter().map(|f| f.display().to_string()).collect();
+    let problems: Vec<&str> = findings
+        .iter()
+        .filter(|f| f.code == CODE && f.severity == Severity::Error)
+        .map(|f| f.message.as_str())
+        .collect();
+    anyhow::anyhow!("no usable rows in {}:\n  {}", names.join(", "), problems.join("\n  "))
 }
 
 /// Names the reason `parse_row` rejected a line (it only says so in prose), with a hint when

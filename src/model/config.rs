@@ -46,6 +46,8 @@ pub struct ModelConfig {
     pub tie_word_embeddings: bool,
     pub eos_ids: Vec<u32>,
     pub pad_id: Option<u32>,
+    /// The context length (max_position_embeddings, or seq_length for ChatGLM), when given.
+    pub max_positions: Option<usize>,
 }
 
 impl ModelConfig {
@@ -65,6 +67,9 @@ impl ModelConfig {
     }
 
     pub fn from_json(v: &Value) -> Result<Self> {
+        if !v.is_object() {
+            bail!("expected a JSON object with the model's hyperparameters (hidden_size, num_hidden_layers, ...)");
+        }
         let arch = v
             .get("architectures")
             .and_then(|a| a.as_array())
@@ -88,10 +93,13 @@ impl ModelConfig {
             Layout::Chatglm => {
                 let hidden = usize_field(v, "hidden_size")?;
                 let heads = usize_field(v, "num_attention_heads")?;
-                let head_dim = opt_usize(v, "kv_channels")?.unwrap_or(hidden.checked_div(heads).unwrap_or(0));
-                let mqa = v.get("multi_query_attention").and_then(|b| b.as_bool()).unwrap_or(false);
+                let head_dim = match opt_usize(v, "kv_channels")? {
+                    Some(d) => d,
+                    None => split_heads(hidden, heads)?,
+                };
+                let mqa = opt_bool(v, "multi_query_attention")?.unwrap_or(false);
                 let kv = if mqa { usize_field(v, "multi_query_group_num")? } else { heads };
-                let rope_ratio = v.get("rope_ratio").and_then(|r| r.as_f64()).unwrap_or(1.0);
+                let rope_ratio = opt_f64(v, "rope_ratio")?.unwrap_or(1.0);
                 ModelConfig {
                     layout,
                     vocab_size: usize_field(v, "padded_vocab_size")?,
@@ -101,36 +109,42 @@ impl ModelConfig {
                     num_kv_heads: kv,
                     head_dim,
                     intermediate_size: usize_field(v, "ffn_hidden_size")?,
-                    rms_eps: v.get("layernorm_epsilon").and_then(|e| e.as_f64()).unwrap_or(1e-5),
+                    rms_eps: opt_f64(v, "layernorm_epsilon")?.unwrap_or(1e-5),
                     rope_theta: 10000.0 * rope_ratio,
                     rotary_dim: head_dim / 2,
-                    qkv_bias: v.get("add_qkv_bias").and_then(|b| b.as_bool()).unwrap_or(false)
-                        || v.get("add_bias_linear").and_then(|b| b.as_bool()).unwrap_or(false),
-                    tie_word_embeddings: v.get("tie_word_embeddings").and_then(|b| b.as_bool()).unwrap_or(false),
+                    qkv_bias: opt_bool(v, "add_qkv_bias")?.unwrap_or(false)
+                        || opt_bool(v, "add_bias_linear")?.unwrap_or(false),
+                    tie_word_embeddings: opt_bool(v, "tie_word_embeddings")?.unwrap_or(false),
                     eos_ids: ids_field(v.get("eos_token_id")),
                     pad_id: v.get("pad_token_id").and_then(|p| p.as_u64()).map(|p| p as u32),
+                    max_positions: opt_usize(v, "seq_length")?,
                 }
             }
             Layout::Glm | Layout::Glm4 => {
                 let hidden = usize_field(v, "hidden_size")?;
                 let heads = usize_field(v, "num_attention_heads")?;
-                let head_dim = opt_usize(v, "head_dim")?.unwrap_or(hidden.checked_div(heads).unwrap_or(0));
-                let rope = v.get("rope_parameters");
-                let theta = v
-                    .get("rope_theta")
-                    .or_else(|| rope.and_then(|r| r.get("rope_theta")))
-                    .and_then(|t| t.as_f64())
-                    .unwrap_or(10000.0);
+                let head_dim = match opt_usize(v, "head_dim")? {
+                    Some(d) => d,
+                    None => split_heads(hidden, heads)?,
+                };
+                let rope = v.get("rope_parameters").filter(|r| !r.is_null());
+                // Top-level keys first (transformers < 5), then rope_parameters.
+                let nested = |key: &str| -> Result<Option<f64>> {
+                    match opt_f64(v, key)? {
+                        Some(x) => Ok(Some(x)),
+                        None => rope
+                            .map(|r| opt_f64(r, key).context("in \"rope_parameters\""))
+                            .transpose()
+                            .map(Option::flatten),
+                    }
+                };
+                let theta = nested("rope_theta")?.unwrap_or(10000.0);
                 if let Some(kind) = rope.and_then(|r| r.get("rope_type")).and_then(|t| t.as_str()) {
                     if kind != "default" {
                         bail!("rope_type {kind:?} is not supported (only \"default\")");
                     }
                 }
-                let factor = v
-                    .get("partial_rotary_factor")
-                    .or_else(|| rope.and_then(|r| r.get("partial_rotary_factor")))
-                    .and_then(|t| t.as_f64())
-                    .unwrap_or(0.5);
+                let factor = nested("partial_rotary_factor")?.unwrap_or(0.5);
                 ModelConfig {
                     layout,
                     vocab_size: usize_field(v, "vocab_size")?,
@@ -140,13 +154,14 @@ impl ModelConfig {
                     num_kv_heads: opt_usize(v, "num_key_value_heads")?.unwrap_or(heads),
                     head_dim,
                     intermediate_size: usize_field(v, "intermediate_size")?,
-                    rms_eps: v.get("rms_norm_eps").and_then(|e| e.as_f64()).unwrap_or(1e-5),
+                    rms_eps: opt_f64(v, "rms_norm_eps")?.unwrap_or(1e-5),
                     rope_theta: theta,
                     rotary_dim: (head_dim as f64 * factor) as usize,
-                    qkv_bias: v.get("attention_bias").and_then(|b| b.as_bool()).unwrap_or(true),
-                    tie_word_embeddings: v.get("tie_word_embeddings").and_then(|b| b.as_bool()).unwrap_or(false),
+                    qkv_bias: opt_bool(v, "attention_bias")?.unwrap_or(true),
+                    tie_word_embeddings: opt_bool(v, "tie_word_embeddings")?.unwrap_or(false),
                     eos_ids: ids_field(v.get("eos_token_id")),
                     pad_id: v.get("pad_token_id").and_then(|p| p.as_u64()).map(|p| p as u32),
+                    max_positions: opt_usize(v, "max_position_embeddings")?,
                 }
             }
         };
@@ -194,6 +209,28 @@ fn opt_usize(v: &Value, key: &str) -> Result<Option<usize>> {
             .map(|n| Some(n as usize))
             .ok_or_else(|| anyhow!("\"{key}\" must be a non-negative integer, found {x}")),
     }
+}
+
+fn opt_f64(v: &Value, key: &str) -> Result<Option<f64>> {
+    match v.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(x) => x.as_f64().map(Some).ok_or_else(|| anyhow!("\"{key}\" must be a number, found {x}")),
+    }
+}
+
+fn opt_bool(v: &Value, key: &str) -> Result<Option<bool>> {
+    match v.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(x) => x.as_bool().map(Some).ok_or_else(|| anyhow!("\"{key}\" must be true or false, found {x}")),
+    }
+}
+
+/// head_dim when the config does not give it: hidden_size split evenly over the heads.
+fn split_heads(hidden: usize, heads: usize) -> Result<usize> {
+    if heads > 0 && !hidden.is_multiple_of(heads) {
+        bail!("hidden_size {hidden} is not a multiple of num_attention_heads {heads}, and no head_dim is given");
+    }
+    Ok(hidden.checked_div(heads).unwrap_or(0)) // 0 heads: `validate` says so
 }
 
 fn usize_field(v: &Value, key: &str) -> Result<usize> {

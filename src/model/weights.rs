@@ -39,6 +39,45 @@ impl TensorSource for HashMap<String, Tensor> {
     }
 }
 
+/// What is wrong with a safetensors file that `read_metadata` rejected, naming the tensor where
+/// one is to blame (the crate's own errors do not).
+fn header_problem(bytes: &[u8]) -> Option<String> {
+    let len = bytes.len() as u64;
+    let n = u64::from_le_bytes(bytes.get(..8)?.try_into().ok()?);
+    if n > len - 8 {
+        return Some(format!("the header length is {n} bytes, but the file has only {len}"));
+    }
+    let header: serde_json::Map<String, serde_json::Value> = serde_json::from_slice(&bytes[8..8 + n as usize]).ok()?;
+    let data = len - 8 - n;
+    let mut spans = Vec::new();
+    for (name, t) in header.iter().filter(|(k, _)| *k != "__metadata__") {
+        let dtype: StDtype = serde_json::from_value(t.get("dtype")?.clone()).ok()?;
+        let shape: Vec<u64> = serde_json::from_value(t.get("shape")?.clone()).ok()?;
+        let [start, end]: [u64; 2] = serde_json::from_value(t.get("data_offsets")?.clone()).ok()?;
+        if start > end || end > data {
+            return Some(format!("tensor {name}: data_offsets [{start}, {end}] lie outside the {data} data bytes"));
+        }
+        let bits = shape.iter().try_fold(dtype.bitsize() as u64, |acc, &d| acc.checked_mul(d));
+        if bits.map(|b| b.div_ceil(8)) != Some(end - start) {
+            let need = bits.map_or("more than 2^64 bits".into(), |b| format!("{} bytes", b.div_ceil(8)));
+            return Some(format!(
+                "tensor {name}: {dtype:?} {shape:?} needs {need}, its data_offsets span {}",
+                end - start
+            ));
+        }
+        spans.push((start, end, name));
+    }
+    spans.sort();
+    if let Some(w) = spans.windows(2).find(|w| w[1].0 != w[0].1) {
+        let how = if w[1].0 < w[0].1 { "overlap" } else { "leave a gap between them" };
+        return Some(format!("tensors {} and {} {how}", w[0].2, w[1].2));
+    }
+    match spans.last() {
+        Some(&(_, end, _)) if end < data => Some(format!("{} bytes follow the last tensor", data - end)),
+        _ => None,
+    }
+}
+
 struct Entry {
     file: usize,
     dtype: DType,
@@ -123,11 +162,15 @@ impl Weights {
             let f = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
             // SAFETY: the file is opened read-only and the map is only read; a concurrent writer
             // could change the bytes under us, which is a property of any mmap-based loader.
-            let map = unsafe { Mmap::map(&f) }.with_context(|| format!("cannot map {}", path.display()))?;
+            // populate: fault the pages in up front (one kernel pass) instead of one page fault per
+            // 4 KiB while tensors are copied to the device.
+            let map = unsafe { memmap2::MmapOptions::new().populate().map(&f) }
+                .with_context(|| format!("cannot map {}", path.display()))?;
             let (header_len, meta) = SafeTensors::read_metadata(&map).map_err(|e| {
                 anyhow!(
-                    "{} is not a valid safetensors file ({e}); the file is truncated or corrupt: re-save or re-download it",
-                    path.display()
+                    "{} is not a valid safetensors file ({}); the file is truncated or corrupt: re-save or re-download it",
+                    path.display(),
+                    header_problem(&map).unwrap_or_else(|| e.to_string())
                 )
             })?;
             let base = 8 + header_len;
@@ -216,6 +259,22 @@ impl Weights {
             ),
             _ => self.load(name, dtype, device),
         }
+    }
+
+    /// The first tensor (by name) holding NaN or Inf: read one at a time, for error messages.
+    pub fn first_nonfinite(&self) -> Result<Option<String>> {
+        let mut names: Vec<&String> = self.entries.keys().collect();
+        names.sort();
+        for n in names {
+            if !self.entries[n].dtype.is_float() {
+                continue;
+            }
+            let t = self.load(n, DType::F32, &Device::Cpu)?.flatten_all()?;
+            if t.to_vec1::<f32>()?.iter().any(|x| !x.is_finite()) {
+                return Ok(Some(n.clone()));
+            }
+        }
+        Ok(None)
     }
 
     fn describe_files(&self) -> String {

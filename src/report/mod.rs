@@ -152,10 +152,17 @@ pub fn render(reports: &[Report], format: Format, color: bool) -> anyhow::Result
 
 /// Writes `text` to `path` atomically (temporary file + rename): a killed run leaves no half report.
 pub fn write_atomic(path: &std::path::Path, text: &str) -> anyhow::Result<()> {
-    use anyhow::Context;
     let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
     let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "report".into());
     let tmp = dir.join(format!(".{name}.tmp{}", std::process::id()));
-    std::fs::write(&tmp, text).with_context(|| format!("cannot write {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("cannot move the report into place at {}", path.display()))
+    let write = || -> std::io::Result<()> {
+        let mut f = std::fs::File::create(&tmp)?;
+        std::io::Write::write_all(&mut f, text.as_bytes())?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    };
+    write().map_err(|e| {
+        let _ = std::fs::remove_file(&tmp);
+        anyhow::anyhow!("cannot write the report {}: {e}", path.display())
+    })
 }

@@ -2,7 +2,7 @@
 
 use std::path::Path;
 
-use anyhow::{anyhow, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use serde::Serialize;
 
 use super::GlmTokenizer;
@@ -29,20 +29,31 @@ impl Default for Recipe {
 impl Recipe {
     /// Reads combine / max_input_length / max_output_length from a finetune_demo lora.yaml value.
     pub fn from_yaml(v: &serde_yaml::Value, path: &Path) -> Result<Self> {
+        let found = match v {
+            serde_yaml::Value::Mapping(_) => None,
+            serde_yaml::Value::Null => Some("nothing (the file is empty)"),
+            serde_yaml::Value::Sequence(_) => Some("a list"),
+            _ => Some("a single value"),
+        };
+        if let Some(found) = found {
+            bail!(
+                "{}: expected a finetune_demo config, a YAML mapping (combine: ..., max_input_length: ...), found {found}",
+                path.display()
+            );
+        }
         let int = |key: &str| -> Result<Option<usize>> {
             match v.get(key) {
                 None | Some(serde_yaml::Value::Null) => Ok(None),
-                Some(x) => x
-                    .as_u64()
-                    .map(|n| Some(n as usize))
-                    .ok_or_else(|| anyhow!("{}: {key} must be a non-negative integer, found {x:?}", path.display())),
+                Some(x) => x.as_u64().map(|n| Some(n as usize)).ok_or_else(|| {
+                    anyhow!("{}: {key} must be a non-negative integer, found {}", path.display(), show(x))
+                }),
             }
         };
         let combine = match v.get("combine") {
             None | Some(serde_yaml::Value::Null) => false,
-            Some(x) => {
-                x.as_bool().ok_or_else(|| anyhow!("{}: combine must be true or false, found {x:?}", path.display()))?
-            }
+            Some(x) => x
+                .as_bool()
+                .ok_or_else(|| anyhow!("{}: combine must be true or false, found {}", path.display(), show(x)))?,
         };
         Ok(Recipe { combine, max_input_length: int("max_input_length")?, max_output_length: int("max_output_length")? })
     }
@@ -61,6 +72,11 @@ impl Recipe {
             (i, o) => Some(i.unwrap_or(0) + o.unwrap_or(0) + 1),
         }
     }
+}
+
+/// A YAML value as written in the file.
+fn show(v: &serde_yaml::Value) -> String {
+    serde_yaml::to_string(v).map(|s| s.trim().to_string()).unwrap_or_default()
 }
 
 /// One conversation as the trainer saw it.
