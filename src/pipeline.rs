@@ -391,7 +391,7 @@ pub fn verify(opts: &Options) -> Result<Vec<Report>> {
     let dev = device::select(&opts.device)?;
     let dinfo = device::info(&dev);
     let dtype = device::dtype(&opts.dtype, &dinfo)?;
-    let context = model::ModelConfig::from_dir(&base_dir)?.max_positions;
+    let base_cfg = model::ModelConfig::from_dir(&base_dir)?;
     // An adapter saved with its tokenizer may stand in for the base's; otherwise the base's error stands.
     let has_tokenizer = |d: &Path| d.join("tokenizer.json").is_file() || d.join("tokenizer.model").is_file();
     let tok = match (GlmTokenizer::from_dir(&base_dir), first_lora.as_deref().filter(|d| has_tokenizer(d))) {
@@ -399,6 +399,16 @@ pub fn verify(opts: &Options) -> Result<Vec<Report>> {
         (Err(_), Some(d)) => GlmTokenizer::from_dir(d)?,
         (Err(e), None) => return Err(e),
     };
+    // Ids past the embedding would fail deep in the model (or read garbage on a GPU).
+    if let Some(max) = tok.inner.get_vocab(true).into_values().max().filter(|&m| m as usize >= base_cfg.vocab_size) {
+        bail!(
+            "{} has token ids up to {max}, but the model in {} has only {} (vocab_size in config.json): the tokenizer belongs to another model",
+            tok.source.display(),
+            base_dir.display(),
+            base_cfg.vocab_size
+        );
+    }
+    let context = base_cfg.max_positions;
     let config = opts.config.clone().or(opts.suite.config.clone());
     let recipe = match &config {
         Some(c) => Recipe::from_file(c)?,

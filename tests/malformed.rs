@@ -312,6 +312,17 @@ fn cases() -> Vec<Case> {
         }),
         c("config.json is an array", 2, &["config.json", "expected a JSON object"], |w| { w.write("base/config.json", "[1, 2]"); w.verify(&[]) }),
         c("config.json unsupported rope_type", 2, &["config.json", "yarn"], |w| { edit_json(&w.base().join("config.json"), |v| v["rope_parameters"]["rope_type"] = json!("yarn")); w.verify(&[]) }),
+        c("config.json pad_token_id past the vocabulary", 2, &["config.json", "pad_token_id 99999"], |w| { edit_json(&w.base().join("config.json"), |v| v["pad_token_id"] = json!(99999)); w.verify(&[]) }),
+        c("tokenizer larger than the model's vocabulary", 2, &["tokenizer.json", "ids up to 1023", "only 1000"], |w| {
+            edit_tensors(&w.base().join("model.safetensors"), |t| for n in [EMBED, "lm_head.weight"] { set_tensor(t, n, |x| x.narrow(0, 0, 1000).unwrap()) });
+            edit_json(&w.base().join("config.json"), |v| { v["vocab_size"] = json!(1000); v["pad_token_id"] = json!(0); });
+            w.verify(&[])
+        }),
+        c("merged model with truncated weights", 2, &["good-bf16/model.safetensors", "truncated"], |w| {
+            let m = w.copy("merged/good-bf16");
+            cut(&m.join("model.safetensors"), 100_000);
+            vec!["--adapter".into(), s(&m), "--base".into(), s(&w.base()), "--data".into(), s(&w.data()), "--device".into(), "cpu".into()]
+        }),
         c("ChatGLM config without multi_query_group_num", 2, &["config.json", "multi_query_group_num"], |w| {
             let b = w.copy("base-chatglm");
             edit_json(&b.join("config.json"), |v| { v.as_object_mut().unwrap().remove("multi_query_group_num"); });
@@ -393,6 +404,7 @@ fn cases() -> Vec<Case> {
         c("jsonl messages is not an array", 2, &["train.jsonl:1", "\"messages\" is not an array"], |w| { fs::write(w.data(), r#"{"messages": {"role": "user"}}"#).unwrap(); w.verify(&[]) }),
         c("jsonl Alpaca format", 2, &["train.jsonl:1", "Alpaca"], |w| { fs::write(w.data(), r#"{"instruction": "q", "output": "a"}"#).unwrap(); w.verify(&[]) }),
         c("jsonl no assistant turn anywhere", 1, &["data_format", "train.jsonl:1", "no non-empty assistant turn"], |w| { fs::write(w.data(), r#"{"messages": [{"role": "user", "content": "q"}]}"#).unwrap(); w.verify(&[]) }),
+        c("jsonl nested 100000 deep", 2, &["train.jsonl:1", "recursion limit"], |w| { fs::write(w.data(), format!("{{\"messages\": {}{}}}", "[".repeat(100_000), "]".repeat(100_000))).unwrap(); w.verify(&[]) }),
         c("jsonl 100 MB single line", 2, &["train.jsonl:1", "MiB"], |w| {
             let mut big = row(&"word ".repeat(20 << 20), "a");
             big.push('\n');
@@ -408,6 +420,12 @@ fn cases() -> Vec<Case> {
         c("lora.yaml negative max_output_length", 2, &["lora.yaml", "max_output_length"], |w| { let p = w.write("lora.yaml", "max_output_length: -1\n"); w.verify(&["--config", &s(&p)]) }),
         c("lora.yaml string for combine", 2, &["lora.yaml", "combine"], |w| { let p = w.write("lora.yaml", "combine: \"no\"\n"); w.verify(&["--config", &s(&p)]) }),
         c("lora.yaml is a list", 2, &["lora.yaml", "mapping"], |w| { let p = w.write("lora.yaml", "- combine\n- false\n"); w.verify(&["--config", &s(&p)]) }),
+        c("lora.yaml alias bomb", 2, &["lora.yaml", "repetition limit"], |w| {
+            let mut y = String::from("a: &a [x, x, x, x, x, x, x, x, x]\n");
+            for (p, n) in ('a'..'i').zip('b'..'j') { y += &format!("{n}: &{n} [*{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}]\n"); }
+            let p = w.write("lora.yaml", y);
+            w.verify(&["--config", &s(&p)])
+        }),
         c("lora.yaml data_config.train_file not a string", 2, &["lora.yaml", "train_file"], |w| {
             let p = w.write("lora.yaml", "data_config:\n  train_file: 5\n");
             let mut a = w.verify(&["--config", &s(&p)]);

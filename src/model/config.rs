@@ -190,6 +190,9 @@ impl ModelConfig {
         if c.rotary_dim == 0 || !c.rotary_dim.is_multiple_of(2) || c.rotary_dim > c.head_dim {
             bail!("rotary dim {} does not fit head dim {}", c.rotary_dim, c.head_dim);
         }
+        if let Some(p) = c.pad_id.filter(|&p| p as usize >= c.vocab_size) {
+            bail!("pad_token_id {p} is outside the vocabulary of {} tokens", c.vocab_size);
+        }
         if !(c.rms_eps.is_finite() && c.rms_eps > 0.0 && c.rope_theta.is_finite() && c.rope_theta > 0.0) {
             bail!("norm epsilon {} or rope theta {} is not a positive number", c.rms_eps, c.rope_theta);
         }
