@@ -632,7 +632,7 @@ fn limits(opts: &Options, dev: &Device) -> BatchLimits {
         Device::Cpu => BatchLimits { max_rows: rows.unwrap_or(32), max_tokens: 8192, max_logit_rows: 1024 },
         // Scoring and prefill at ~16k tokens per pass keep the GEMMs large and the unfused
         // attention scores ([B, heads, T, T] f32) near 2 GB at T = 1000; decode takes 256 rows.
-        _ => BatchLimits { max_rows: rows.unwrap_or(256), max_tokens: 16384, max_logit_rows: 4096 },
+        _ => BatchLimits { max_rows: rows.unwrap_or(256), max_tokens: 16384, max_logit_rows: 1024 },
     }
 }
 

@@ -9,6 +9,7 @@ use crate::adapter::{base_modules, Adapter, Matched};
 use crate::finding::Finding;
 use crate::model::config::{Layout, ModelConfig};
 use crate::model::glm::{Glm, Target};
+use crate::model::lora::LoraDelta;
 use crate::model::weights::Weights;
 
 /// Per matched module: ‖s·B·A‖ / ‖W‖ and the share of ΔW elements that survive a bf16 merge.
@@ -204,7 +205,9 @@ pub fn check_effect(
     for ((layer, target, delta), name) in matched.deltas.iter().zip(&matched.matched_modules) {
         let w = weight(*layer, *target)?;
         // On the model's device: copying base weights to the host would cost a full model read.
-        let dw = delta.delta_weight()?.to_device(w.device())?; // [len, in] f32
+        let on_dev =
+            LoraDelta { a: delta.a.to_device(w.device())?, b: delta.b.to_device(w.device())?, ..delta.clone() };
+        let dw = on_dev.delta_weight()?; // [len, in] f32
         if !all_finite(&dw)? {
             continue; // adapter_nonfinite reports it; NaN would make every number below NaN
         }

@@ -350,9 +350,11 @@ impl Glm {
         // Grouped-query attention without copying K/V: heads j·g..(j+1)·g share kv head j.
         let g = nh / kvh;
         let q = q.reshape((b, kvh, g * t, d))?;
-        let scores = q.matmul(&k.t()?)?.reshape((b, nh, t, s))?;
-        let scores = (scores.to_dtype(DType::F32)? * (1.0 / (d as f64).sqrt()))?.broadcast_add(mask)?;
-        let probs = self.softmax(&scores)?.to_dtype(self.dtype)?;
+        // As transformers' eager attention: scores, scale and mask in the model dtype, softmax
+        // accumulated in f32 (candle's bf16/f16 softmax kernel accumulates in f32): three passes over
+        // [B, heads, T, S] instead of seven with an f32 copy.
+        let scores = (q.matmul(&k.t()?)?.reshape((b, nh, t, s))? * (1.0 / (d as f64).sqrt()))?.broadcast_add(mask)?;
+        let probs = self.softmax(&scores)?;
         let out = probs.reshape((b, kvh, g * t, s))?.matmul(&v.contiguous()?)?; // [B, kvh, g·T, D]
         let out = out.reshape((b, nh, t, d))?.transpose(1, 2)?.reshape((b, t, nh * d))?;
         l.o.forward(&out, sel)
@@ -383,7 +385,7 @@ impl Glm {
         Ok((freqs.cos()?.to_dtype(self.dtype)?, freqs.sin()?.to_dtype(self.dtype)?))
     }
 
-    /// Additive mask [B, 1, T, S] (f32): a query sees keys at or before it and not in padding.
+    /// Additive mask [B, 1, T, S] in the model dtype: a query sees keys at or before it and not in padding.
     fn mask(&self, pad: &[usize], offset: usize, t: usize) -> Result<Tensor> {
         let b = pad.len();
         let s = offset + t;
@@ -393,7 +395,7 @@ impl Glm {
         let causal = Tensor::from_vec(causal, (1, 1, t, s), &self.device)?;
         let padm: Vec<f32> = pad.iter().flat_map(|&p| (0..s).map(move |j| if j < p { neg } else { 0.0 })).collect();
         let padm = Tensor::from_vec(padm, (b, 1, 1, s), &self.device)?;
-        Ok(causal.broadcast_add(&padm)?)
+        Ok(causal.broadcast_add(&padm)?.to_dtype(self.dtype)?)
     }
 
     fn rms_norm(&self, x: &Tensor, w: &Tensor, eps: f32) -> Result<Tensor> {
