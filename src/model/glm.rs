@@ -11,6 +11,7 @@ use candle_nn::kv_cache::KvCache;
 
 use super::config::{Layout, ModelConfig};
 use super::lora::{Linear, LoraDelta, LoraStack, RowSelection};
+use super::profile;
 use super::weights::TensorSource;
 
 /// The LoRA-able linears of a layer, in the model's own terms.
@@ -111,14 +112,13 @@ impl Glm {
                         post_attn_norm: ld(&format!("{p}post_attention_layernorm.weight"), &[h])?,
                         post_self_attn_norm: None,
                         post_mlp_norm: None,
-                        qkv: Linear {
-                            weight: ld(&format!("{p}self_attention.query_key_value.weight"), &[qkv_out, h])?,
-                            bias: if c.qkv_bias { Some(ld(&bias_name, &[qkv_out])?) } else { None },
-                            lora: None,
-                        },
-                        o: plain(ld(&format!("{p}self_attention.dense.weight"), &[h, c.q_out()])?),
-                        gate_up: plain(ld(&format!("{p}mlp.dense_h_to_4h.weight"), &[2 * c.intermediate_size, h])?),
-                        down: plain(ld(&format!("{p}mlp.dense_4h_to_h.weight"), &[h, c.intermediate_size])?),
+                        qkv: Linear::new(
+                            ld(&format!("{p}self_attention.query_key_value.weight"), &[qkv_out, h])?,
+                            if c.qkv_bias { Some(ld(&bias_name, &[qkv_out])?) } else { None },
+                        )?,
+                        o: plain(ld(&format!("{p}self_attention.dense.weight"), &[h, c.q_out()])?)?,
+                        gate_up: plain(ld(&format!("{p}mlp.dense_h_to_4h.weight"), &[2 * c.intermediate_size, h])?)?,
+                        down: plain(ld(&format!("{p}mlp.dense_4h_to_h.weight"), &[h, c.intermediate_size])?)?,
                     }
                 }
                 Layout::Glm | Layout::Glm4 => {
@@ -146,10 +146,10 @@ impl Glm {
                         } else {
                             None
                         },
-                        qkv: Linear { weight, bias, lora: None },
-                        o: plain(ld(&format!("{p}self_attn.o_proj.weight"), &[h, c.q_out()])?),
-                        gate_up: plain(ld(&format!("{p}mlp.gate_up_proj.weight"), &[2 * c.intermediate_size, h])?),
-                        down: plain(ld(&format!("{p}mlp.down_proj.weight"), &[h, c.intermediate_size])?),
+                        qkv: Linear::new(weight, bias)?,
+                        o: plain(ld(&format!("{p}self_attn.o_proj.weight"), &[h, c.q_out()])?)?,
+                        gate_up: plain(ld(&format!("{p}mlp.gate_up_proj.weight"), &[2 * c.intermediate_size, h])?)?,
+                        down: plain(ld(&format!("{p}mlp.down_proj.weight"), &[h, c.intermediate_size])?)?,
                     }
                 }
             };
@@ -197,15 +197,15 @@ impl Glm {
         }
     }
 
-    /// Base weight of a target linear (for effect-size and merge checks).
-    pub fn target_weight(&self, layer: usize, t: Target) -> Option<&Tensor> {
-        let l = self.layers.get(layer)?;
-        Some(match t {
-            Target::Qkv => &l.qkv.weight,
-            Target::O => &l.o.weight,
-            Target::GateUp => &l.gate_up.weight,
-            Target::Down => &l.down.weight,
-        })
+    /// Base weight [out, in] of a target linear (for effect-size and merge checks).
+    pub fn target_weight(&self, layer: usize, t: Target) -> Result<Tensor> {
+        let l = self.layers.get(layer).with_context(|| format!("no layer {layer}"))?;
+        match t {
+            Target::Qkv => l.qkv.base_weight(),
+            Target::O => l.o.base_weight(),
+            Target::GateUp => l.gate_up.base_weight(),
+            Target::Down => l.down.base_weight(),
+        }
     }
 
     /// Merges deltas into the weights. `deltas[(layer, target)]`.
@@ -229,7 +229,7 @@ impl Glm {
                     .iter()
                     .map(|ds| ds.iter().filter(|(l, tt, _)| *l == li && *tt == t).map(|(_, _, d)| d.clone()).collect())
                     .collect();
-                lin.lora = LoraStack::build(lin.out_features(), &per, dtype, &device)?;
+                lin.set_lora(LoraStack::build(lin.out_features(), &per, dtype, &device)?)?;
             }
         }
         self.adapters = adapters.len();
@@ -280,9 +280,12 @@ impl Glm {
         }
         let offset = cache.as_ref().map(|c| c.len).unwrap_or(0);
         let s = offset + t;
-        let (cos, sin) = self.rope(pad, offset, t)?;
-        let ctx = Step { cos, sin, mask: self.mask(pad, offset, t)?, sel };
-        let mut x = self.embed.embedding(&ids.flatten_all()?)?.reshape((b, t, self.cfg.hidden_size))?;
+        let dev = &self.device;
+        let (ctx, mut x) = profile::section("embed_rope", dev, || {
+            let (cos, sin) = self.rope(pad, offset, t)?;
+            let ctx = Step { cos, sin, mask: self.mask(pad, offset, t)?, sel };
+            Ok((ctx, self.embed.embedding(&ids.flatten_all()?)?.reshape((b, t, self.cfg.hidden_size))?))
+        })?;
         for (i, layer) in self.layers.iter().enumerate() {
             let kv = cache.as_deref_mut().map(|c| &mut c.kv[i]);
             x = self.layer(layer, &x, &ctx, kv)?;
@@ -297,11 +300,15 @@ impl Glm {
     /// b*T + t → [N, V] f32. The output projection runs only on those rows.
     pub fn log_probs_at(&self, hidden: &Tensor, at: &[u32]) -> Result<Tensor> {
         let logits = self.logits_at(hidden, at)?;
-        Ok(candle_nn::ops::log_softmax(&logits, D::Minus1)?)
+        profile::section("log_softmax", &self.device, || Ok(candle_nn::ops::log_softmax(&logits, D::Minus1)?))
     }
 
     /// Logits (f32) at chosen flat positions of hidden [B, T, H] → [N, V].
     pub fn logits_at(&self, hidden: &Tensor, at: &[u32]) -> Result<Tensor> {
+        profile::section("logits", &self.device, || self.logits_at_inner(hidden, at))
+    }
+
+    fn logits_at_inner(&self, hidden: &Tensor, at: &[u32]) -> Result<Tensor> {
         let h = hidden.dim(D::Minus1)?;
         let flat = hidden.reshape(((), h))?;
         let idx = Tensor::from_slice(at, at.len(), &self.device)?;
@@ -313,21 +320,29 @@ impl Glm {
     fn layer(&self, l: &Layer, x: &Tensor, ctx: &Step, kv: Option<&mut KvCache>) -> Result<Tensor> {
         let sel = ctx.sel;
         let eps = self.cfg.rms_eps as f32;
-        let h = self.rms_norm(x, &l.input_norm, eps)?;
+        let dev = &self.device;
+        let h = profile::section("norm_residual", dev, || self.rms_norm(x, &l.input_norm, eps))?;
         let mut a = self.attention(l, &h, ctx, kv)?;
-        if let Some(n) = &l.post_self_attn_norm {
-            a = self.rms_norm(&a, n, eps)?;
-        }
-        let x = (x + a)?;
-        let h = self.rms_norm(&x, &l.post_attn_norm, eps)?;
+        let (x, h) = profile::section("norm_residual", dev, || {
+            if let Some(n) = &l.post_self_attn_norm {
+                a = self.rms_norm(&a, n, eps)?;
+            }
+            let x = (x + &a)?;
+            let h = self.rms_norm(&x, &l.post_attn_norm, eps)?;
+            Ok((x, h))
+        })?;
         let gu = l.gate_up.forward(&h, sel)?;
         let m = self.cfg.intermediate_size;
-        let act = (candle_nn::ops::silu(&gu.narrow(D::Minus1, 0, m)?)? * gu.narrow(D::Minus1, m, m)?)?;
+        let act = profile::section("swiglu", dev, || {
+            Ok((candle_nn::ops::silu(&gu.narrow(D::Minus1, 0, m)?)? * gu.narrow(D::Minus1, m, m)?)?)
+        })?;
         let mut d = l.down.forward(&act, sel)?;
-        if let Some(n) = &l.post_mlp_norm {
-            d = self.rms_norm(&d, n, eps)?;
-        }
-        Ok((x + d)?)
+        profile::section("norm_residual", dev, || {
+            if let Some(n) = &l.post_mlp_norm {
+                d = self.rms_norm(&d, n, eps)?;
+            }
+            Ok((x + d)?)
+        })
     }
 
     fn attention(&self, l: &Layer, x: &Tensor, ctx: &Step, kv: Option<&mut KvCache>) -> Result<Tensor> {
@@ -336,27 +351,31 @@ impl Glm {
         let (b, t, _) = x.dims3()?;
         let (nh, kvh, d) = (c.num_heads, c.num_kv_heads, c.head_dim);
         let qkv = l.qkv.forward(x, sel)?; // [B, T, (nh + 2·kvh)·D]
-        let heads = |start: usize, n: usize| -> Result<Tensor> {
-            Ok(qkv.narrow(D::Minus1, start * d, n * d)?.reshape((b, t, n, d))?.transpose(1, 2)?.contiguous()?)
-        };
-        let q = self.apply_rope(&heads(0, nh)?, cos, sin)?; // [B, nh, T, D]
-        let k = self.apply_rope(&heads(nh, kvh)?, cos, sin)?; // [B, kvh, T, D]
-        let v = heads(nh + kvh, kvh)?;
-        let (k, v) = match kv {
-            Some(cache) => cache.append(&k.contiguous()?, &v.contiguous()?)?,
-            None => (k, v),
-        };
-        let s = k.dim(2)?;
-        // Grouped-query attention without copying K/V: heads j·g..(j+1)·g share kv head j.
-        let g = nh / kvh;
-        let q = q.reshape((b, kvh, g * t, d))?;
-        // As transformers' eager attention: scores, scale and mask in the model dtype, softmax
-        // accumulated in f32 (candle's bf16/f16 softmax kernel accumulates in f32): three passes over
-        // [B, heads, T, S] instead of seven with an f32 copy.
-        let scores = (q.matmul(&k.t()?)?.reshape((b, nh, t, s))? * (1.0 / (d as f64).sqrt()))?.broadcast_add(mask)?;
-        let probs = self.softmax(&scores)?;
-        let out = probs.reshape((b, kvh, g * t, s))?.matmul(&v.contiguous()?)?; // [B, kvh, g·T, D]
-        let out = out.reshape((b, nh, t, d))?.transpose(1, 2)?.reshape((b, t, nh * d))?;
+        let dev = &self.device;
+        let out = profile::section("attention", dev, || {
+            let heads = |start: usize, n: usize| -> Result<Tensor> {
+                Ok(qkv.narrow(D::Minus1, start * d, n * d)?.reshape((b, t, n, d))?.transpose(1, 2)?.contiguous()?)
+            };
+            let q = self.apply_rope(&heads(0, nh)?, cos, sin)?; // [B, nh, T, D]
+            let k = self.apply_rope(&heads(nh, kvh)?, cos, sin)?; // [B, kvh, T, D]
+            let v = heads(nh + kvh, kvh)?;
+            let (k, v) = match kv {
+                Some(cache) => cache.append(&k.contiguous()?, &v.contiguous()?)?,
+                None => (k, v),
+            };
+            let s = k.dim(2)?;
+            // Grouped-query attention without copying K/V: heads j·g..(j+1)·g share kv head j.
+            let g = nh / kvh;
+            let q = q.reshape((b, kvh, g * t, d))?;
+            // As transformers' eager attention: scores, scale and mask in the model dtype, softmax
+            // accumulated in f32 (candle's bf16/f16 softmax kernel accumulates in f32): three passes over
+            // [B, heads, T, S] instead of seven with an f32 copy.
+            let scores =
+                (q.matmul(&k.t()?)?.reshape((b, nh, t, s))? * (1.0 / (d as f64).sqrt()))?.broadcast_add(mask)?;
+            let probs = self.softmax(&scores)?;
+            let out = probs.reshape((b, kvh, g * t, s))?.matmul(&v.contiguous()?)?; // [B, kvh, g·T, D]
+            Ok(out.reshape((b, nh, t, d))?.transpose(1, 2)?.reshape((b, t, nh * d))?)
+        })?;
         l.o.forward(&out, sel)
     }
 
@@ -442,6 +461,6 @@ impl Glm {
     }
 }
 
-fn plain(weight: Tensor) -> Linear {
-    Linear { weight, bias: None, lora: None }
+fn plain(weight: Tensor) -> Result<Linear> {
+    Linear::new(weight, None)
 }

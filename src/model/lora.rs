@@ -143,50 +143,81 @@ enum Mask {
 }
 
 /// A linear layer y = x·Wᵀ + bias (+ LoRA side path).
+///
+/// With adapters attached the weight is stored augmented, [W | B] of shape [out, in + ΣR], and the
+/// side path rides the main GEMM: y = [x | h]·[W | B]ᵀ with h = (x·Aᵀ) masked per row. One GEMM
+/// with f32 accumulation instead of a second low-rank GEMM and two passes over [N, out].
 #[derive(Debug, Clone)]
 pub struct Linear {
-    /// [out, in]
-    pub weight: Tensor,
+    /// [out, in], or [out, in + ΣR] when `lora` is set.
+    weight: Tensor,
+    in_features: usize,
     /// [out]
     pub bias: Option<Tensor>,
-    pub lora: Option<LoraStack>,
+    lora: Option<LoraStack>,
 }
 
 impl Linear {
+    pub fn new(weight: Tensor, bias: Option<Tensor>) -> Result<Self> {
+        let (_, in_features) = weight.dims2()?;
+        Ok(Linear { weight, in_features, bias, lora: None })
+    }
+
     pub fn out_features(&self) -> usize {
         self.weight.dims()[0]
+    }
+
+    /// The base weight [out, in] (a view when adapters are attached).
+    pub fn base_weight(&self) -> Result<Tensor> {
+        Ok(if self.lora.is_some() { self.weight.narrow(1, 0, self.in_features)? } else { self.weight.clone() })
+    }
+
+    /// Attaches stacked adapters (or removes them with None).
+    pub fn set_lora(&mut self, stack: Option<LoraStack>) -> Result<()> {
+        let base = if self.lora.is_some() { self.base_weight()?.contiguous()? } else { self.weight.clone() };
+        self.weight = match &stack {
+            Some(s) => Tensor::cat(&[&base, &s.b], 1)?,
+            None => base,
+        };
+        self.lora = stack;
+        Ok(())
     }
 
     /// x: [B, T, in] → [B, T, out]
     pub fn forward(&self, x: &Tensor, sel: &RowSelection) -> Result<Tensor> {
         let (b, t, inp) = x.dims3()?;
         let x2 = x.reshape((b * t, inp))?;
-        let mut y = x2.matmul(&self.weight.t()?)?;
-        if let Some(bias) = &self.bias {
-            y = y.broadcast_add(bias)?;
-        }
-        let mut y = y.reshape((b, t, self.out_features()))?;
-        if let Some(stack) = &self.lora {
-            let h = match sel.mask(stack)? {
-                Mask::Skip => None,
-                Mask::All => Some(x2.matmul(&stack.a.t()?)?),
-                Mask::Rows(m) => {
-                    let h = x2.matmul(&stack.a.t()?)?.reshape((b, t, stack.rank()))?;
-                    Some(h.broadcast_mul(&m)?.reshape((b * t, stack.rank()))?)
-                }
-            };
-            if let Some(h) = h {
-                let d = h.matmul(&stack.b.t()?)?.reshape((b, t, self.out_features()))?;
-                y = (y + d)?;
+        let dev = x.device();
+        let input = match &self.lora {
+            None => x2,
+            Some(stack) => super::profile::section("lora", dev, || {
+                let r = stack.rank();
+                let h = match sel.mask(stack)? {
+                    Mask::Skip => Tensor::zeros((b * t, r), x2.dtype(), dev)?,
+                    Mask::All => x2.matmul(&stack.a.t()?)?,
+                    Mask::Rows(m) => {
+                        x2.matmul(&stack.a.t()?)?.reshape((b, t, r))?.broadcast_mul(&m)?.reshape((b * t, r))?
+                    }
+                };
+                Ok(Tensor::cat(&[&x2, &h], 1)?)
+            })?,
+        };
+        super::profile::section("gemm", dev, || {
+            let mut y = input.matmul(&self.weight.t()?)?;
+            if let Some(bias) = &self.bias {
+                y = y.broadcast_add(bias)?;
             }
-        }
-        Ok(y)
+            Ok(y.reshape((b, t, self.out_features()))?)
+        })
     }
 
     /// Merges deltas into the weight (W + s·B·A in f32, then cast back), as `merge_and_unload`.
     pub fn merge(&mut self, deltas: &[LoraDelta]) -> Result<()> {
         if deltas.is_empty() {
             return Ok(());
+        }
+        if self.lora.is_some() {
+            anyhow::bail!("cannot merge into a linear that has adapters attached");
         }
         let dtype = self.weight.dtype();
         let mut w = self.weight.to_dtype(DType::F32)?;

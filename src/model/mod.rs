@@ -3,6 +3,7 @@
 pub mod config;
 pub mod glm;
 pub mod lora;
+pub mod profile;
 pub mod weights;
 
 use std::path::Path;
