@@ -152,6 +152,7 @@ fn options(a: &VerifyArgs) -> anyhow::Result<Options> {
         batch_size,
         split: a.split.clone(),
         ignore_eos: a.ignore_eos,
+        progress: !a.quiet && std::io::stderr().is_terminal(),
     })
 }
 

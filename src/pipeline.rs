@@ -42,6 +42,8 @@ pub struct Options {
     pub split: String,
     /// Generate exactly max-new-tokens per row (benchmarks).
     pub ignore_eos: bool,
+    /// Show a progress spinner on stderr (main turns it on for terminals unless --quiet).
+    pub progress: bool,
 }
 
 impl Default for Options {
@@ -60,6 +62,7 @@ impl Default for Options {
             batch_size: None,
             split: "train".into(),
             ignore_eos: false,
+            progress: false,
         }
     }
 }
@@ -429,6 +432,8 @@ pub fn verify(opts: &Options) -> Result<Vec<Report>> {
     };
     common.extend(checks::hardware::check_precision(&dinfo, device::dtype_name(dtype), tb, tf));
 
+    let progress = Progress::new(opts.progress);
+    progress.stage(format!("loading {}", base_dir.display()));
     let t_load = Instant::now();
     let mut base = model::load_dir(&base_dir, dtype, &dev)?;
     // LoRA adapters ride the side path of the one base; merged models are separate models.
@@ -503,13 +508,16 @@ pub fn verify(opts: &Options) -> Result<Vec<Report>> {
     // Base rows and every LoRA adapter's rows in the same batches.
     let mut variants: Vec<Variant> = vec![None];
     variants.extend((0..attach.len()).map(Some));
+    progress.stage(format!("scoring {} samples × {} variants (teacher-forced)", items.len(), variants.len()));
     let t_score = Instant::now();
     let mut lp = score_targets(&base, &items, &variants, lim)?;
     let mut score_s = t_score.elapsed().as_secs_f64();
+    progress.stage(format!("generating for {} prompts × {} variants (greedy)", prompts.len(), variants.len()));
     let t_gen = Instant::now();
     let mut gens = generate(&base, &prompts, &max_new, &variants, lim, gen_opts)?;
     let mut generate_s = t_gen.elapsed().as_secs_f64();
     drop(base);
+    progress.finish();
 
     // Merged models: one more model each (compared with the base's numbers).
     let mut merged_results = Vec::new();
@@ -639,4 +647,29 @@ fn limits(opts: &Options, dev: &Device) -> BatchLimits {
 /// Loads a model directory in f32 on CPU (tests and small tools).
 pub fn load_cpu(dir: &Path) -> Result<Glm> {
     model::load_dir(dir, DType::F32, &Device::Cpu)
+}
+
+/// A spinner on stderr naming the stage running (indicatif); nothing when off.
+struct Progress(Option<indicatif::ProgressBar>);
+
+impl Progress {
+    fn new(on: bool) -> Self {
+        Progress(on.then(|| {
+            let pb = indicatif::ProgressBar::new_spinner();
+            pb.enable_steady_tick(std::time::Duration::from_millis(120));
+            pb
+        }))
+    }
+
+    fn stage(&self, msg: String) {
+        if let Some(pb) = &self.0 {
+            pb.set_message(msg);
+        }
+    }
+
+    fn finish(&self) {
+        if let Some(pb) = &self.0 {
+            pb.finish_and_clear();
+        }
+    }
 }
