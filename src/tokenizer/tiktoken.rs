@@ -21,22 +21,7 @@ pub const GLM4_PATTERN: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?
 
 /// GLM-4's special tokens, in id order right after the last rank (tokenization_chatglm.py).
 /// Used only when no tokenizer_config.json with `added_tokens_decoder` is given.
-pub const GLM4_SPECIAL_TOKENS: [&str; 14] = [
-    "<|endoftext|>",
-    "[MASK]",
-    "[gMASK]",
-    "[sMASK]",
-    "<sop>",
-    "<eop>",
-    "<|system|>",
-    "<|user|>",
-    "<|assistant|>",
-    "<|observation|>",
-    "<|begin_of_image|>",
-    "<|end_of_image|>",
-    "<|begin_of_video|>",
-    "<|end_of_video|>",
-];
+pub use super::SPECIALS as GLM4_SPECIAL_TOKENS;
 
 /// Loads a tiktoken `tokenizer.model` (one `base64 rank` line per token) as an id-exact byte-level BPE.
 ///
