@@ -12,9 +12,9 @@ use serde_json::Value;
 
 use crate::data::Message;
 
-/// GLM-4's chat template (the form glm-4-9b-chat-hf ships, without tools), used when a model
-/// directory carries none.
-pub const GLM4_TEMPLATE: &str = "[gMASK]<sop>{% for item in messages %}{% if item['tools'] is defined %}<|system|>\n你是一个名为 GLM-4 的人工智能助手。你是基于智谱AI训练的语言模型 GLM-4 模型开发的，你的任务是针对用户的问题和要求提供适当的答复和支持。\n\n# 可用工具{% for tool in item['tools'] %}{% if tool['type'] == 'function' %}\n\n## {{ tool['function']['name'] }}\n\n{{ tool['function'] | tojson(indent=4) }}\n在调用上述函数时，请使用 Json 格式表示调用的参数。{% endif %}{% endfor %}{% endif %}{% if item['content'] %}<|{{ item['role'] }}|>{{ item['metadata'] }}\n{{ item['content'] }}{% endif %}{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}";
+/// GLM-4's chat template as glm-4-9b-chat's tokenizer_config.json ships it (messages with empty
+/// content are dropped), used when a model directory carries none.
+pub const GLM4_TEMPLATE: &str = "[gMASK]<sop>{% for item in messages %}{% if item['content'] %}<|{{ item['role'] }}|>{{ item['metadata'] }}\n{{ item['content'] }}{% endif %}{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}";
 
 /// The GLM-4 special tokens in id order (tokenization_chatglm.py: right after the last BPE rank), looked
 /// up by name everywhere else (ids differ between real GLM-4 and test models).
