@@ -232,3 +232,22 @@ fn special_tokens_have_glm4_ids() {
     }
     assert!(tok.get_added_tokens_decoder().values().all(|t| t.special && !t.normalized));
 }
+
+/// The original glm-4-9b-chat directory layout (tokenizer.model + tokenizer_config.json with its chat
+/// template) through the same entry point as tokenizer.json models.
+#[test]
+fn glm4_chat_tokenizer_dir_renders_and_labels() {
+    use glm4_verify::data::Message;
+    use glm4_verify::tokenizer::recipe::{encode, Recipe};
+    let dir = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures/glm4-tokenizer");
+    let tok = glm4_verify::tokenizer::GlmTokenizer::from_dir(&dir).expect("loads");
+    let msg = |role: &str, content: &str| Message { role: role.into(), content: content.into(), tools: None };
+    let conv = [msg("user", "你好"), msg("assistant", "你好！有什么可以帮你？")];
+    let ids = tok.apply_chat_template(&conv[..1], true).expect("renders");
+    assert_eq!(&ids[..3], &[151331, 151333, 151336], "[gMASK]<sop><|user|>");
+    assert_eq!(*ids.last().unwrap(), 151337, "<|assistant|>");
+    let e = encode(&tok, &conv, &Recipe::default()).expect("labels");
+    assert_eq!(e.input_ids[..ids.len()], ids[..]);
+    assert_eq!(*e.labels.last().unwrap(), 151336, "the appended <|user|> is trained");
+    assert_eq!(e.labels[..ids.len()].iter().filter(|&&l| l != -100).count(), 0);
+}
