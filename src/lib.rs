@@ -17,6 +17,7 @@ pub mod pipeline;
 pub mod preflight;
 pub mod report;
 pub mod score;
+pub mod stop;
 pub mod suite;
 pub mod tokenizer;
 pub mod verdict;

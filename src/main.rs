@@ -97,6 +97,9 @@ struct VerifyArgs {
     /// Write the report here (atomically) instead of stdout.
     #[arg(long, short = 'o', value_name = "FILE")]
     output: Option<PathBuf>,
+    /// Stop the whole run after this many seconds (exit 2, no verdict, no report).
+    #[arg(long, value_name = "SECONDS")]
+    timeout: Option<u64>,
     /// Always generate --max-new-tokens tokens (ignore end tokens): for benchmarks.
     #[arg(long, hide = true)]
     ignore_eos: bool,
@@ -167,6 +170,23 @@ fn emit(text: &str, output: Option<&PathBuf>) -> anyhow::Result<()> {
 }
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let timeout = match &cli.command {
+        None => cli.verify.timeout,
+        Some(Command::Check(a)) => a.timeout,
+        Some(Command::Compare(c)) => c.verify.timeout,
+        _ => None,
+    };
+    if let Some(t) = timeout {
+        glm4_verify::stop::set_timeout(std::time::Duration::from_secs(t));
+    }
+    // First Ctrl-C: stop at the next batch (no verdict, no half report); second: leave at once.
+    let _ = ctrlc::set_handler(|| {
+        if glm4_verify::stop::interrupted() {
+            std::process::exit(130);
+        }
+        glm4_verify::stop::interrupt();
+        eprintln!("\ninterrupt: stopping after the current batch (Ctrl-C again to quit now)");
+    });
     match cli.command {
         None => {
             let a = cli.verify;

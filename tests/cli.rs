@@ -273,3 +273,27 @@ fn bad_input_exits_2_with_a_clear_message() {
         assert!(err.contains(msg) && !err.contains("panicked"), "{args:?}: {err}");
     }
 }
+
+#[test]
+fn timeout_stops_with_exit_2_and_writes_no_report() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("report.json");
+    let (code, _, err) = run(&[
+        "--adapter",
+        &f("adapters/good"),
+        "--base",
+        &f("base"),
+        "--data",
+        &f("data/train.jsonl"),
+        "--device",
+        "cpu",
+        "--timeout",
+        "0",
+        "-o",
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("--timeout") && err.contains("incomplete"), "{err}");
+    assert!(!out.exists());
+    assert_eq!(std::fs::read_dir(tmp.path()).unwrap().count(), 0, "no temporary file left");
+}

@@ -95,6 +95,7 @@ pub fn score_targets(
     let lengths: Vec<usize> = todo.iter().map(|&i| used[i]).collect();
     let pad_id = model.cfg.pad_id.unwrap_or(0);
     for batch in plan(&lengths, variants.len(), lim) {
+        crate::stop::check()?;
         let mut rows: Vec<&[u32]> = Vec::new();
         let mut sel = Vec::new();
         let mut which = Vec::new();
@@ -158,6 +159,7 @@ pub fn generate(
     // Decode batches are bounded by rows only: one decode step reads the weights once for all rows.
     let decode_lim = BatchLimits { max_tokens: usize::MAX, ..lim };
     for batch in plan(&lengths, variants.len(), decode_lim) {
+        crate::stop::check()?;
         let mut rows: Vec<&[u32]> = Vec::new();
         let mut sel = Vec::new();
         let mut which = Vec::new();
@@ -205,6 +207,7 @@ pub fn generate(
             if done.iter().all(|d| *d) || step + 1 == steps {
                 break;
             }
+            crate::stop::check()?;
             let input = Tensor::from_vec(next, (rows.len(), 1), model.device())?;
             let hidden = model.forward(&input, &pads, &sel, Some(&mut cache))?;
             next = model.last_logits(&hidden)?.argmax(1)?.to_vec1()?;
