@@ -430,6 +430,14 @@ pub fn verify(opts: &Options) -> Result<Vec<Report>> {
             .unwrap_or((None, None)),
         None => (None, None),
     };
+    // Without lora.yaml's training_args, the run's own training_args.json / DeepSpeed config says it.
+    let (tb, tf) = match (tb, tf, &first_lora) {
+        (None, None, Some(dir)) => checks::train::training_precision(dir)
+            .or_else(|| dir.parent().and_then(checks::train::training_precision))
+            .map(|p| p.flags())
+            .unwrap_or((None, None)),
+        other => (other.0, other.1),
+    };
     common.extend(checks::hardware::check_precision(&dinfo, device::dtype_name(dtype), tb, tf));
 
     let progress = Progress::new(opts.progress);

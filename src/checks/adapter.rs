@@ -239,8 +239,9 @@ pub fn check_effect(
         let median_rel = median(effects.iter().map(|e| e.relative_norm).collect());
         // Relative error of the delta a bf16 merge would keep: ≥ 0.5 means it is mostly rounding.
         let merge_error = if delta_sq > 0.0 { (err_sq / delta_sq).sqrt() } else { 1.0 };
+        // Per layer and module: ‖s·B·A‖/‖W‖ and the share of ΔW elements a bf16 merge keeps.
         let ev = json!({"bf16_changed_fraction": share, "bf16_merge_relative_error": merge_error,
-                        "median_relative_norm": median_rel, "modules": effects.len()});
+                        "median_relative_norm": median_rel, "modules": effects.len(), "per_module": effects});
         if share < 0.01 || merge_error >= 0.5 {
             out.push(
                 Finding::error(
