@@ -15,7 +15,7 @@ use crate::checks::labels::ReplayedRow;
 use crate::data::Row;
 use crate::device;
 use crate::finding::Finding;
-use crate::model::{self, Glm};
+use crate::model;
 use crate::report::{AdapterInfo, BaseInfo, Report, Timings, SCHEMA_VERSION};
 use crate::score::engine::{generate, score_targets, BatchLimits, GenOptions, Variant};
 use crate::score::metrics::{summarize, Measured};
@@ -650,11 +650,6 @@ fn limits(opts: &Options, dev: &Device) -> BatchLimits {
         // attention scores ([B, heads, T, T] f32) near 2 GB at T = 1000; decode takes 256 rows.
         _ => BatchLimits { max_rows: rows.unwrap_or(256), max_tokens: 16384, max_logit_rows: 1024 },
     }
-}
-
-/// Loads a model directory in f32 on CPU (tests and small tools).
-pub fn load_cpu(dir: &Path) -> Result<Glm> {
-    model::load_dir(dir, DType::F32, &Device::Cpu)
 }
 
 /// A spinner on stderr naming the stage running (indicatif); nothing when off.

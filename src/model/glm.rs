@@ -186,17 +186,6 @@ impl Glm {
         self.adapters
     }
 
-    /// Output width of a target linear, for shape checks of adapters.
-    pub fn target_shape(&self, t: Target) -> (usize, usize) {
-        let c = &self.cfg;
-        match t {
-            Target::Qkv => (c.q_out() + 2 * c.kv_out(), c.hidden_size),
-            Target::O => (c.hidden_size, c.q_out()),
-            Target::GateUp => (2 * c.intermediate_size, c.hidden_size),
-            Target::Down => (c.hidden_size, c.intermediate_size),
-        }
-    }
-
     /// Base weight [out, in] of a target linear (for effect-size and merge checks).
     pub fn target_weight(&self, layer: usize, t: Target) -> Result<Tensor> {
         let l = self.layers.get(layer).with_context(|| format!("no layer {layer}"))?;
