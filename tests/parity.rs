@@ -195,3 +195,35 @@ fn labels_prompts_and_template_reproduce_finetune_demo() {
         assert_eq!(targets, ids(&s["target_ids"]));
     }
 }
+
+#[test]
+fn sharded_checkpoint_loads_with_the_same_numbers() {
+    use std::collections::HashMap;
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("base");
+    std::fs::create_dir_all(&dir).unwrap();
+    for f in ["config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja"] {
+        std::fs::copy(fixtures().join("base").join(f), dir.join(f)).unwrap();
+    }
+    let all = candle_core::safetensors::load(fixtures().join("base/model.safetensors"), &Device::Cpu).unwrap();
+    let mut names: Vec<&String> = all.keys().collect();
+    names.sort();
+    let (mut a, mut b, mut map) = (HashMap::new(), HashMap::new(), serde_json::Map::new());
+    for (i, n) in names.into_iter().enumerate() {
+        let (shard, file) = if i % 2 == 0 {
+            (&mut a, "model-00001-of-00002.safetensors")
+        } else {
+            (&mut b, "model-00002-of-00002.safetensors")
+        };
+        shard.insert(n.clone(), all[n].clone());
+        map.insert(n.clone(), file.into());
+    }
+    candle_core::safetensors::save(&a, dir.join("model-00001-of-00002.safetensors")).unwrap();
+    candle_core::safetensors::save(&b, dir.join("model-00002-of-00002.safetensors")).unwrap();
+    let index = serde_json::json!({"metadata": {}, "weight_map": map});
+    std::fs::write(dir.join("model.safetensors.index.json"), index.to_string()).unwrap();
+    let sharded = model::load_dir(&dir, DType::F32, &Device::Cpu).unwrap();
+    let refj = reference();
+    let (lp, gen) = run_variants(&sharded, &refj, &[None]);
+    check_variant(&refj, "base", &lp[0], &gen[0]);
+}
