@@ -496,6 +496,7 @@ pub fn verify(opts: &Options) -> Result<Vec<Report>> {
         }
     }
     base.attach(&attach)?;
+    let layout = base.cfg.layout.as_str().to_string();
     let mut load_s = t_load.elapsed().as_secs_f64();
 
     let lim = limits(opts, &dev);
@@ -625,7 +626,7 @@ pub fn verify(opts: &Options) -> Result<Vec<Report>> {
             schema_version: SCHEMA_VERSION,
             verdict: v,
             cause,
-            base: BaseInfo { path: base_dir.display().to_string(), layout: tok_layout(&base_dir) },
+            base: BaseInfo { path: base_dir.display().to_string(), layout: layout.clone() },
             adapter: info,
             findings,
             summary,
@@ -635,10 +636,6 @@ pub fn verify(opts: &Options) -> Result<Vec<Report>> {
         });
     }
     Ok(reports)
-}
-
-fn tok_layout(dir: &Path) -> String {
-    model::ModelConfig::from_dir(dir).map(|c| c.layout.as_str().to_string()).unwrap_or_default()
 }
 
 /// Batch limits: `--batch-size` rows, or a size that fits the device.

@@ -4,18 +4,9 @@ mod common;
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::process::Command;
 
 use candle_core::{Device, Tensor};
 use common::*;
-
-fn bin() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_glm4-verify"))
-}
-
-fn f(p: &str) -> String {
-    fixtures().join(p).display().to_string()
-}
 
 /// Copies adapters/good with its tensors changed by `edit` (key, tensor) -> Option<(key, tensor)>.
 fn edited_adapter(dir: &Path, edit: impl Fn(&str, Tensor) -> Option<(String, Tensor)>) {

@@ -3,13 +3,8 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use common::*;
-
-fn bin() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_glm4-verify"))
-}
 
 /// Runs the verifier; returns (exit code, stdout, stderr).
 fn run(args: &[&str]) -> (i32, String, String) {
@@ -19,10 +14,6 @@ fn run(args: &[&str]) -> (i32, String, String) {
         String::from_utf8_lossy(&out.stdout).into(),
         String::from_utf8_lossy(&out.stderr).into(),
     )
-}
-
-fn f(p: &str) -> String {
-    fixtures().join(p).display().to_string()
 }
 
 fn verify_json(adapter: &str, base: &str, extra: &[&str]) -> (i32, serde_json::Value) {
@@ -110,14 +101,6 @@ fn other_layouts_and_merged_checkpoint_pass() {
         let (code, v) = verify_json(adapter, base, &[]);
         assert_eq!((code, v["verdict"].as_str().unwrap()), (0, "pass"), "{adapter}: {}", v["cause"]);
         assert_eq!(v["base"]["layout"], layout);
-    }
-}
-
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for e in std::fs::read_dir(from).unwrap() {
-        let e = e.unwrap();
-        std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
     }
 }
 

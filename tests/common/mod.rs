@@ -1,7 +1,8 @@
 //! Shared helpers for tests that read ../shared/fixtures/glm4-tiny.
 #![allow(dead_code)]
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::process::Command;
 
 pub fn fixtures() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures/glm4-tiny")
@@ -22,4 +23,23 @@ pub fn i64s(v: &serde_json::Value) -> Vec<i64> {
 
 pub fn f64s(v: &serde_json::Value) -> Vec<f64> {
     v.as_array().expect("array").iter().map(|x| x.as_f64().expect("float")).collect()
+}
+
+/// The glm4-verify binary of this build.
+pub fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_glm4-verify"))
+}
+
+/// A fixture path as a string argument.
+pub fn f(p: &str) -> String {
+    fixtures().join(p).display().to_string()
+}
+
+/// Copies the files of a directory (one level) into `to`.
+pub fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+    }
 }
