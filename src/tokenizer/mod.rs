@@ -50,7 +50,9 @@ impl GlmTokenizer {
         let tm = dir.join("tokenizer.model");
         let tc = dir.join("tokenizer_config.json");
         let (inner, source) = if tj.is_file() {
-            let t = tokenizers::Tokenizer::from_file(&tj)
+            let text = std::fs::read_to_string(&tj).with_context(|| format!("cannot read {}", tj.display()))?;
+            let t = check_tokenizer_json(&text)
+                .and_then(|()| text.parse::<tokenizers::Tokenizer>().map_err(|e| anyhow!("{e}")))
                 .map_err(|e| anyhow!("{} does not parse as a tokenizers file: {e}", tj.display()))?;
             (t, tj)
         } else if tm.is_file() {
@@ -116,6 +118,35 @@ impl GlmTokenizer {
     pub fn apply_chat_template(&self, messages: &[Message], add_generation_prompt: bool) -> Result<Vec<u32>> {
         self.encode(&self.render(messages, add_generation_prompt)?)
     }
+}
+
+/// What tokenizers 0.23 panics on instead of returning an error (found by fuzzing): a JSON error
+/// inside "decoder" (a file cut off there, a control character in a string, nesting past serde_json's
+/// depth limit) and a "Precompiled" normalizer whose charsmap does not parse.
+fn check_tokenizer_json(text: &str) -> Result<()> {
+    #[derive(serde::Deserialize)]
+    struct Head {
+        #[serde(default)]
+        normalizer: Value,
+        #[serde(default)]
+        #[allow(dead_code)]
+        decoder: Value,
+    }
+    fn precompiled(v: &Value) -> Result<()> {
+        match v {
+            Value::Object(m) => {
+                if m.get("type").and_then(Value::as_str) == Some("Precompiled") {
+                    serde_json::from_str::<tokenizers::normalizers::Precompiled>(&v.to_string())
+                        .map_err(|e| anyhow!("its Precompiled normalizer is invalid: {e}"))?;
+                }
+                m.values().try_for_each(precompiled)
+            }
+            Value::Array(a) => a.iter().try_for_each(precompiled),
+            _ => Ok(()),
+        }
+    }
+    let head: Head = serde_json::from_str(text)?;
+    precompiled(&head.normalizer)
 }
 
 fn tojson(v: minijinja::Value, kwargs: minijinja::value::Kwargs) -> std::result::Result<String, minijinja::Error> {
