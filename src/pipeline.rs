@@ -16,8 +16,9 @@ use crate::data::Row;
 use crate::device;
 use crate::finding::Finding;
 use crate::model;
+use crate::model::profile::section;
 use crate::report::{AdapterInfo, BaseInfo, Report, Timings, SCHEMA_VERSION};
-use crate::score::engine::{generate, score_targets, BatchLimits, GenOptions, Variant};
+use crate::score::engine::{score_and_generate, BatchLimits, GenOptions, Variant};
 use crate::score::metrics::{summarize, Measured};
 use crate::suite::Suite;
 use crate::tokenizer::recipe::{encode, prompt_and_answer, Encoded, Recipe, IGNORE};
@@ -443,7 +444,7 @@ pub fn verify(opts: &Options) -> Result<Vec<Report>> {
     let progress = Progress::new(opts.progress);
     progress.stage(format!("loading {}", base_dir.display()));
     let t_load = Instant::now();
-    let mut base = model::load_dir(&base_dir, dtype, &dev)?;
+    let mut base = section("load: weights", &dev, || model::load_dir(&base_dir, dtype, &dev))?;
     // LoRA adapters ride the side path of the one base; merged models are separate models.
     let mut lora_slots: Vec<Option<usize>> = Vec::new();
     let mut per_adapter: Vec<(Vec<Finding>, AdapterInfo)> = Vec::new();
@@ -453,9 +454,11 @@ pub fn verify(opts: &Options) -> Result<Vec<Report>> {
             AdapterInput::Lora { dir, note } => {
                 let a = Adapter::open(dir)?;
                 let m = match_to_base(&a, &base.cfg)?;
-                let mut fs = checks::adapter::check_files(&a, &m, &base.cfg)?;
-                let (_, eff) = checks::adapter::check_effect(&checks::adapter::weight_from_model(&base), &m)?;
-                fs.extend(eff);
+                let mut fs = section("load: adapter checks", &dev, || {
+                    let mut fs = checks::adapter::check_files(&a, &m, &base.cfg)?;
+                    fs.extend(checks::adapter::check_effect(&checks::adapter::weight_from_model(&base), &m)?.1);
+                    Ok(fs)
+                })?;
                 if let Some(ts) = checks::train::find_trainer_state(dir)
                     .or_else(|| dir.parent().and_then(checks::train::find_trainer_state))
                 {
@@ -495,7 +498,7 @@ pub fn verify(opts: &Options) -> Result<Vec<Report>> {
             }
         }
     }
-    base.attach(&attach)?;
+    section("load: attach adapters", &dev, || base.attach(&attach))?;
     let layout = base.cfg.layout.as_str().to_string();
     let mut load_s = t_load.elapsed().as_secs_f64();
 
@@ -517,14 +520,14 @@ pub fn verify(opts: &Options) -> Result<Vec<Report>> {
     // Base rows and every LoRA adapter's rows in the same batches.
     let mut variants: Vec<Variant> = vec![None];
     variants.extend((0..attach.len()).map(Some));
-    progress.stage(format!("scoring {} samples × {} variants (teacher-forced)", items.len(), variants.len()));
-    let t_score = Instant::now();
-    let mut lp = score_targets(&base, &items, &variants, lim)?;
-    let mut score_s = t_score.elapsed().as_secs_f64();
-    progress.stage(format!("generating for {} prompts × {} variants (greedy)", prompts.len(), variants.len()));
-    let t_gen = Instant::now();
-    let mut gens = generate(&base, &prompts, &max_new, &variants, lim, gen_opts)?;
-    let mut generate_s = t_gen.elapsed().as_secs_f64();
+    progress.stage(format!(
+        "scoring and generating: {} samples × {} variants (teacher-forced, then greedy)",
+        items.len(),
+        variants.len()
+    ));
+    // Generation continues from the scoring pass's prompt caches (see score_and_generate).
+    let out = score_and_generate(&base, &items, &prompts, &max_new, &variants, lim, gen_opts)?;
+    let (mut lp, mut gens, mut score_s, mut generate_s) = (out.scores, out.gens, out.score_s, out.generate_s);
     drop(base);
     progress.finish();
 
@@ -535,13 +538,10 @@ pub fn verify(opts: &Options) -> Result<Vec<Report>> {
             let t = Instant::now();
             let m = model::load_dir(dir, dtype, &dev)?;
             load_s += t.elapsed().as_secs_f64();
-            let t = Instant::now();
-            let l = score_targets(&m, &items, &[None], lim)?.remove(0);
-            score_s += t.elapsed().as_secs_f64();
-            let t = Instant::now();
-            let g = generate(&m, &prompts, &max_new, &[None], lim, gen_opts)?.remove(0);
-            generate_s += t.elapsed().as_secs_f64();
-            merged_results.push((l, g));
+            let mut out = score_and_generate(&m, &items, &prompts, &max_new, &[None], lim, gen_opts)?;
+            score_s += out.score_s;
+            generate_s += out.generate_s;
+            merged_results.push((out.scores.remove(0), out.gens.remove(0)));
         }
     }
 
@@ -642,10 +642,21 @@ pub fn verify(opts: &Options) -> Result<Vec<Report>> {
 fn limits(opts: &Options, dev: &Device) -> BatchLimits {
     let rows = opts.batch_size.or(opts.suite.batch_size);
     match dev {
-        Device::Cpu => BatchLimits { max_rows: rows.unwrap_or(32), max_tokens: 8192, max_logit_rows: 1024 },
+        Device::Cpu => BatchLimits {
+            max_rows: rows.unwrap_or(32),
+            max_tokens: 8192,
+            max_logit_rows: 1024,
+            max_cache_tokens: 1 << 16,
+        },
         // Scoring and prefill at ~16k tokens per pass keep the GEMMs large and the unfused
-        // attention scores ([B, heads, T, T] f32) near 2 GB at T = 1000; decode takes 256 rows.
-        _ => BatchLimits { max_rows: rows.unwrap_or(256), max_tokens: 16384, max_logit_rows: 1024 },
+        // attention scores ([B, heads, T, T] bf16) near 1 GB at T = 1000; decode takes up to 256
+        // rows, with at most 64k cached positions (2.6 GB on GLM-4-9B: 40 KB per position).
+        _ => BatchLimits {
+            max_rows: rows.unwrap_or(256),
+            max_tokens: 16384,
+            max_logit_rows: 1024,
+            max_cache_tokens: 1 << 16,
+        },
     }
 }
 

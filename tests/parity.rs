@@ -7,7 +7,7 @@ use common::*;
 use glm4_verify::adapter::{match_to_base, Adapter};
 use glm4_verify::data::read_jsonl;
 use glm4_verify::model::{self, glm::Glm, lora::RowSelection};
-use glm4_verify::score::engine::{generate, score_targets, BatchLimits, GenOptions, Variant};
+use glm4_verify::score::engine::{generate, score_and_generate, score_targets, BatchLimits, GenOptions, Variant};
 use glm4_verify::tokenizer::recipe::{encode, prompt_and_answer, Recipe};
 use glm4_verify::tokenizer::GlmTokenizer;
 
@@ -52,6 +52,14 @@ fn run_variants(model: &Glm, refj: &serde_json::Value, variants: &[Variant]) -> 
     let max_new = vec![24; prompts.len()];
     let gen = generate(model, &prompts, &max_new, variants, BatchLimits::default(), GenOptions::default())
         .expect("generates");
+    // Scoring and generation sharing the prompts' KV caches give the same numbers.
+    let both =
+        score_and_generate(model, &it, &prompts, &max_new, variants, BatchLimits::default(), GenOptions::default())
+            .expect("scores and generates");
+    for (a, b) in lp.iter().flatten().flatten().zip(both.scores.iter().flatten().flatten()) {
+        assert!((a - b).abs() < 1e-4, "shared pass: log p {b} vs {a}");
+    }
+    assert_eq!(gen, both.gens, "shared pass: greedy ids");
     (lp, gen)
 }
 
@@ -154,7 +162,7 @@ fn small_batches_give_the_same_numbers_as_large_ones() {
     let mut m = load("base");
     m.attach(&[adapter_deltas(&m, "good")]).unwrap();
     let big = score_targets(&m, &it, &[None, Some(0)], BatchLimits::default()).unwrap();
-    let tiny = BatchLimits { max_rows: 2, max_tokens: 64, max_logit_rows: 7 };
+    let tiny = BatchLimits { max_rows: 2, max_tokens: 64, max_logit_rows: 7, max_cache_tokens: 1 << 16 };
     let small = score_targets(&m, &it, &[None, Some(0)], tiny).unwrap();
     for (a, b) in big.iter().flatten().flatten().zip(small.iter().flatten().flatten()) {
         assert!((a - b).abs() < 1e-4);
@@ -162,10 +170,32 @@ fn small_batches_give_the_same_numbers_as_large_ones() {
     // Prefill in chunks of 2 rows, decode all rows together: the same greedy ids.
     let prompts: Vec<Vec<u32>> = refj["samples"].as_array().unwrap().iter().map(|s| ids(&s["prompt_ids"])).collect();
     let max_new = vec![24; prompts.len()];
-    let chunked = BatchLimits { max_rows: 64, max_tokens: 40, max_logit_rows: 7 };
+    let chunked = BatchLimits { max_rows: 64, max_tokens: 40, max_logit_rows: 7, max_cache_tokens: 1 << 16 };
     let a = generate(&m, &prompts, &max_new, &[None, Some(0)], BatchLimits::default(), GenOptions::default()).unwrap();
     let b = generate(&m, &prompts, &max_new, &[None, Some(0)], chunked, GenOptions::default()).unwrap();
     assert_eq!(a, b);
+    // Shared passes in small batches whose caches are stacked into decode groups of other lengths
+    // (and one sample whose prompt is not a prefix of its scored row, so it takes its own prefill).
+    let prefixes = it.iter().zip(&prompts).filter(|((ids, _), p)| ids.starts_with(p)).count();
+    assert!(prefixes >= it.len() / 2, "only {prefixes} prompts are prefixes of their scored rows");
+    let mut prompts2 = prompts.clone();
+    prompts2[3].push(0);
+    let mut want =
+        generate(&m, &prompts2, &max_new, &[None, Some(0)], BatchLimits::default(), GenOptions::default()).unwrap();
+    let groups = BatchLimits { max_rows: 8, max_tokens: 60, max_logit_rows: 7, max_cache_tokens: 400 };
+    let both =
+        score_and_generate(&m, &it, &prompts2, &max_new, &[None, Some(0)], groups, GenOptions::default()).unwrap();
+    for (a, b) in big.iter().flatten().flatten().zip(both.scores.iter().flatten().flatten()) {
+        assert!((a - b).abs() < 1e-4);
+    }
+    assert_eq!(want, both.gens);
+    // max_new = 0 generates nothing for that sample.
+    let mut none = max_new.clone();
+    none[0] = 0;
+    let both = score_and_generate(&m, &it, &prompts2, &none, &[None, Some(0)], groups, GenOptions::default()).unwrap();
+    want[0][0].clear();
+    want[1][0].clear();
+    assert_eq!(want, both.gens);
 }
 
 #[test]

@@ -7,7 +7,6 @@
 
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor, D};
-use candle_nn::kv_cache::KvCache;
 
 use super::config::{Layout, ModelConfig};
 use super::lora::{Linear, LoraDelta, LoraStack, RowSelection};
@@ -68,16 +67,82 @@ struct Step<'a> {
     /// [B, T, rotary_dim/2]
     cos: Tensor,
     sin: Tensor,
-    /// [B, 1, T, S] additive, f32
-    mask: Tensor,
+    /// [B, 1, T, S] additive, in the model dtype (unfused attention only)
+    mask: Option<Tensor>,
+    /// [B] u32: each row's left padding, for the fused kernel that masks as it goes
+    pads: Option<Tensor>,
     sel: &'a RowSelection,
 }
 
-/// Per-layer KV cache for greedy decoding.
+/// Keys and values of the positions already run, per layer: [B, kv_heads, capacity, head_dim]
+/// buffers filled up to `len`. Rows are left-padded, so every row has the same `len`.
 pub struct Cache {
-    kv: Vec<KvCache>,
-    /// Tokens already in the cache (the same for every row: rows are left-padded).
+    kv: Vec<Option<(Tensor, Tensor)>>,
     pub len: usize,
+    capacity: usize,
+}
+
+impl Cache {
+    /// Writes k, v [B, kvh, T, D] at `len` in layer `i`'s buffers; returns the keys and values of
+    /// positions 0..len+T (views into the buffers).
+    fn append(&mut self, i: usize, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
+        let (b, h, t, d) = k.dims4()?;
+        if self.len + t > self.capacity {
+            bail!("KV cache of {} positions cannot take {} more after {}", self.capacity, t, self.len);
+        }
+        if self.kv[i].is_none() {
+            let z = Tensor::zeros((b, h, self.capacity, d), k.dtype(), k.device())?;
+            self.kv[i] = Some((z.clone(), z.zeros_like()?));
+        }
+        let Some((kb, vb)) = &self.kv[i] else { bail!("KV cache layer {i} missing") };
+        kb.slice_set(&k.contiguous()?, 2, self.len)?;
+        vb.slice_set(&v.contiguous()?, 2, self.len)?;
+        let n = self.len + t;
+        Ok((kb.narrow(2, 0, n)?, vb.narrow(2, 0, n)?))
+    }
+
+    /// Keeps only the first `len` positions (the prompt part of a teacher-forced pass), copied out
+    /// of the larger buffers so they can be freed.
+    pub fn truncate(&mut self, len: usize) -> Result<()> {
+        if len > self.len {
+            bail!("cannot truncate a KV cache of {} positions to {len}", self.len);
+        }
+        for (k, v) in self.kv.iter_mut().flatten() {
+            *k = k.narrow(2, 0, len)?.contiguous()?;
+            *v = v.narrow(2, 0, len)?.contiguous()?;
+        }
+        self.len = len;
+        self.capacity = len;
+        Ok(())
+    }
+
+    /// Stacks caches of row groups into one, right-aligned at the longest: a part of length L
+    /// gets `len - L` more left padding (returned per part), then room for `extra` positions.
+    pub fn stack(parts: Vec<Cache>, extra: usize) -> Result<(Cache, Vec<usize>)> {
+        let len = parts.iter().map(|c| c.len).max().unwrap_or(0);
+        let shifts: Vec<usize> = parts.iter().map(|c| len - c.len).collect();
+        let layers = parts.first().map(|c| c.kv.len()).unwrap_or(0);
+        let capacity = len + extra;
+        let mut kv = Vec::with_capacity(layers);
+        for i in 0..layers {
+            let mut ks = Vec::with_capacity(parts.len());
+            let mut vs = Vec::with_capacity(parts.len());
+            for (p, &shift) in parts.iter().zip(&shifts) {
+                let Some((k, v)) = &p.kv[i] else { bail!("KV cache part without layer {i}") };
+                let place = |x: &Tensor| -> Result<Tensor> {
+                    let (b, h, _, d) = x.dims4()?;
+                    let x = x.narrow(2, 0, p.len)?;
+                    let left = Tensor::zeros((b, h, shift, d), x.dtype(), x.device())?;
+                    let right = Tensor::zeros((b, h, extra, d), x.dtype(), x.device())?;
+                    Ok(Tensor::cat(&[&left, &x, &right], 2)?)
+                };
+                ks.push(place(k)?);
+                vs.push(place(v)?);
+            }
+            kv.push(Some((Tensor::cat(&ks, 0)?, Tensor::cat(&vs, 0)?)));
+        }
+        Ok((Cache { kv, len, capacity }, shifts))
+    }
 }
 
 impl Glm {
@@ -225,33 +290,9 @@ impl Glm {
         Ok(())
     }
 
-    pub fn new_cache(&self, max_len: usize) -> Cache {
-        Cache { kv: (0..self.layers.len()).map(|_| KvCache::new(2, max_len)).collect(), len: 0 }
-    }
-
-    /// Stacks the caches of row-chunks prefilled separately (same length) into one batch cache,
-    /// so prompts can be prefilled in memory-sized chunks and decoded all together.
-    pub fn concat_caches(&self, parts: Vec<Cache>, max_len: usize) -> Result<Cache> {
-        let len = parts.first().map(|c| c.len).unwrap_or(0);
-        if parts.iter().any(|c| c.len != len) {
-            bail!("caches of different lengths cannot be stacked");
-        }
-        let mut out = self.new_cache(max_len);
-        for (i, kv) in out.kv.iter_mut().enumerate() {
-            let mut ks = Vec::with_capacity(parts.len());
-            let mut vs = Vec::with_capacity(parts.len());
-            for p in &parts {
-                if let (Some(k), Some(v)) = (p.kv[i].k()?, p.kv[i].v()?) {
-                    ks.push(k);
-                    vs.push(v);
-                }
-            }
-            if !ks.is_empty() {
-                kv.append(&Tensor::cat(&ks, 0)?.contiguous()?, &Tensor::cat(&vs, 0)?.contiguous()?)?;
-            }
-        }
-        out.len = len;
-        Ok(out)
+    /// An empty KV cache with room for `capacity` positions.
+    pub fn new_cache(&self, capacity: usize) -> Cache {
+        Cache { kv: (0..self.layers.len()).map(|_| None).collect(), len: 0, capacity }
     }
 
     /// Hidden states of the last layer (before the final norm): [B, T, H] for tokens `ids` [B, T].
@@ -272,11 +313,17 @@ impl Glm {
         let dev = &self.device;
         let (ctx, mut x) = profile::section("embed_rope", dev, || {
             let (cos, sin) = self.rope(pad, offset, t)?;
-            let ctx = Step { cos, sin, mask: self.mask(pad, offset, t)?, sel };
+            let (mask, pads) = if self.fused() {
+                let p: Vec<u32> = pad.iter().map(|&p| p as u32).collect();
+                (None, Some(Tensor::from_vec(p, b, dev)?))
+            } else {
+                (Some(self.mask(pad, offset, t)?), None)
+            };
+            let ctx = Step { cos, sin, mask, pads, sel };
             Ok((ctx, self.embed.embedding(&ids.flatten_all()?)?.reshape((b, t, self.cfg.hidden_size))?))
         })?;
         for (i, layer) in self.layers.iter().enumerate() {
-            let kv = cache.as_deref_mut().map(|c| &mut c.kv[i]);
+            let kv = cache.as_deref_mut().map(|c| (c, i));
             x = self.layer(layer, &x, &ctx, kv)?;
         }
         if let Some(c) = cache {
@@ -306,7 +353,7 @@ impl Glm {
         Ok(rows.matmul(&self.lm_head.t()?)?.to_dtype(DType::F32)?)
     }
 
-    fn layer(&self, l: &Layer, x: &Tensor, ctx: &Step, kv: Option<&mut KvCache>) -> Result<Tensor> {
+    fn layer(&self, l: &Layer, x: &Tensor, ctx: &Step, kv: Option<(&mut Cache, usize)>) -> Result<Tensor> {
         let sel = ctx.sel;
         let eps = self.cfg.rms_eps as f32;
         let dev = &self.device;
@@ -322,9 +369,7 @@ impl Glm {
         })?;
         let gu = l.gate_up.forward(&h, sel)?;
         let m = self.cfg.intermediate_size;
-        let act = profile::section("swiglu", dev, || {
-            Ok((candle_nn::ops::silu(&gu.narrow(D::Minus1, 0, m)?)? * gu.narrow(D::Minus1, m, m)?)?)
-        })?;
+        let act = profile::section("swiglu", dev, || self.swiglu(&gu, m))?;
         let mut d = l.down.forward(&act, sel)?;
         profile::section("norm_residual", dev, || {
             if let Some(n) = &l.post_mlp_norm {
@@ -334,8 +379,8 @@ impl Glm {
         })
     }
 
-    fn attention(&self, l: &Layer, x: &Tensor, ctx: &Step, kv: Option<&mut KvCache>) -> Result<Tensor> {
-        let (cos, sin, mask, sel) = (&ctx.cos, &ctx.sin, &ctx.mask, ctx.sel);
+    fn attention(&self, l: &Layer, x: &Tensor, ctx: &Step, kv: Option<(&mut Cache, usize)>) -> Result<Tensor> {
+        let (cos, sin, sel) = (&ctx.cos, &ctx.sin, ctx.sel);
         let c = &self.cfg;
         let (b, t, _) = x.dims3()?;
         let (nh, kvh, d) = (c.num_heads, c.num_kv_heads, c.head_dim);
@@ -349,20 +394,30 @@ impl Glm {
             let k = self.apply_rope(&heads(nh, kvh)?, cos, sin)?; // [B, kvh, T, D]
             let v = heads(nh + kvh, kvh)?;
             let (k, v) = match kv {
-                Some(cache) => cache.append(&k.contiguous()?, &v.contiguous()?)?,
+                Some((cache, i)) => cache.append(i, &k, &v)?,
                 None => (k, v),
             };
             let s = k.dim(2)?;
             // Grouped-query attention without copying K/V: heads j·g..(j+1)·g share kv head j.
             let g = nh / kvh;
             let q = q.reshape((b, kvh, g * t, d))?;
-            // As transformers' eager attention: scores, scale and mask in the model dtype, softmax
-            // accumulated in f32 (candle's bf16/f16 softmax kernel accumulates in f32): three passes over
-            // [B, heads, T, S] instead of seven with an f32 copy.
-            let scores =
-                (q.matmul(&k.t()?)?.reshape((b, nh, t, s))? * (1.0 / (d as f64).sqrt()))?.broadcast_add(mask)?;
-            let probs = self.softmax(&scores)?;
-            let out = probs.reshape((b, kvh, g * t, s))?.matmul(&v.contiguous()?)?; // [B, kvh, g·T, D]
+            let scores = q.matmul(&k.t()?)?; // [B, kvh, g·T, S]
+            let scale = 1.0 / (d as f64).sqrt();
+            let probs = match (&ctx.mask, &ctx.pads) {
+                // As transformers' eager attention: scores, scale and mask in the model dtype,
+                // softmax accumulated in f32 (candle's bf16/f16 softmax kernel accumulates in f32).
+                (Some(mask), _) => {
+                    let scores = (scores.reshape((b, nh, t, s))? * scale)?.broadcast_add(mask)?;
+                    self.softmax(&scores)?
+                }
+                // The same arithmetic in one in-place pass, the mask computed from the paddings.
+                (None, Some(pads)) => {
+                    self.masked_softmax_(&scores.reshape((b, nh, t, s))?, pads, s - t, scale)?;
+                    scores
+                }
+                (None, None) => bail!("attention without a mask"),
+            };
+            let out = probs.reshape((b, kvh, g * t, s))?.matmul(&v)?; // [B, kvh, g·T, D]
             Ok(out.reshape((b, nh, t, d))?.transpose(1, 2)?.reshape((b, t, nh * d))?)
         })?;
         l.o.forward(&out, sel)
@@ -404,6 +459,32 @@ impl Glm {
         let padm: Vec<f32> = pad.iter().flat_map(|&p| (0..s).map(move |j| if j < p { neg } else { 0.0 })).collect();
         let padm = Tensor::from_vec(padm, (b, 1, 1, s), &self.device)?;
         Ok(causal.broadcast_add(&padm)?.to_dtype(self.dtype)?)
+    }
+
+    /// Whether the fused CUDA kernels run (kernels/fused.cu): on CUDA devices, outside training,
+    /// unless GLM4_VERIFY_UNFUSED=1 asks for candle's own ops (to compare the two).
+    fn fused(&self) -> bool {
+        cfg!(feature = "cuda")
+            && self.device.is_cuda()
+            && !self.differentiable
+            && std::env::var_os("GLM4_VERIFY_UNFUSED").is_none_or(|v| v == "0")
+    }
+
+    /// silu(gate) · up of the fused gate/up output [.., 2m] → [.., m].
+    fn swiglu(&self, gu: &Tensor, m: usize) -> Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        if self.fused() {
+            return Ok(super::cuda_ops::swiglu(&gu.contiguous()?)?);
+        }
+        Ok((candle_nn::ops::silu(&gu.narrow(D::Minus1, 0, m)?)? * gu.narrow(D::Minus1, m, m)?)?)
+    }
+
+    #[allow(unused_variables)]
+    fn masked_softmax_(&self, scores: &Tensor, pads: &Tensor, offset: usize, scale: f64) -> Result<()> {
+        #[cfg(feature = "cuda")]
+        return Ok(super::cuda_ops::masked_softmax_(scores, pads, offset, scale as f32)?);
+        #[cfg(not(feature = "cuda"))]
+        bail!("the fused attention kernel needs the cuda build")
     }
 
     fn rms_norm(&self, x: &Tensor, w: &Tensor, eps: f32) -> Result<Tensor> {

@@ -1,6 +1,8 @@
 //! The GLM-4 model: config (three layouts), weights (mmap safetensors), forward, LoRA application.
 
 pub mod config;
+#[cfg(feature = "cuda")]
+mod cuda_ops;
 pub mod glm;
 pub mod lora;
 pub mod profile;

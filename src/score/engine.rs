@@ -1,10 +1,10 @@
 //! Drives the model over many sequences: teacher-forced log-probs of the target tokens, and
 //! greedy generation. Base and adapter rows of the same sample share a batch (unmerged side path).
 
-use anyhow::Result;
+use anyhow::{bail, Result};
 use candle_core::{Device, Tensor};
 
-use crate::model::glm::Glm;
+use crate::model::glm::{Cache, Glm};
 use crate::model::lora::RowSelection;
 use crate::tokenizer::recipe::IGNORE;
 
@@ -22,11 +22,14 @@ pub struct BatchLimits {
     /// Positions whose vocabulary-wide logits are held at once (the output projection is
     /// 151,552 wide in GLM-4).
     pub max_logit_rows: usize,
+    /// rows × (prompt + new tokens) of the KV caches kept for one decode group: bounds the memory
+    /// held between scoring a prompt and generating from it.
+    pub max_cache_tokens: usize,
 }
 
 impl Default for BatchLimits {
     fn default() -> Self {
-        BatchLimits { max_rows: 64, max_tokens: 16384, max_logit_rows: 4096 }
+        BatchLimits { max_rows: 64, max_tokens: 16384, max_logit_rows: 4096, max_cache_tokens: 1 << 16 }
     }
 }
 
@@ -43,21 +46,27 @@ impl Default for GenOptions {
     }
 }
 
-/// Groups item indices (sorted by length) into batches of `per_item` rows each.
-fn plan(lengths: &[usize], per_item: usize, lim: BatchLimits) -> Vec<Vec<usize>> {
+/// Groups item indices into batches of `per_item` rows each, by length. An item is `(head, tail)`:
+/// rows are laid out with their heads right-aligned and tails left-aligned after them, so a batch
+/// is `max head + max tail` wide (plain left or right padding when every head or tail is 0).
+fn plan(lengths: &[(usize, usize)], per_item: usize, lim: BatchLimits) -> Vec<Vec<usize>> {
     let mut order: Vec<usize> = (0..lengths.len()).collect();
-    order.sort_by_key(|&i| (lengths[i], i));
+    order.sort_by_key(|&i| (lengths[i].0 + lengths[i].1, i));
     let mut out: Vec<Vec<usize>> = Vec::new();
     let mut cur: Vec<usize> = Vec::new();
+    let (mut head, mut tail) = (0, 0);
     for i in order {
+        let (h, t) = lengths[i];
         let rows = (cur.len() + 1) * per_item;
-        let longest = cur.iter().map(|&j| lengths[j]).max().unwrap_or(0).max(lengths[i]);
+        let width = head.max(h) + tail.max(t);
         if !cur.is_empty()
-            && (rows > lim.max_rows.max(per_item) || rows * longest > lim.max_tokens.max(longest * per_item))
+            && (rows > lim.max_rows.max(per_item) || rows * width > lim.max_tokens.max((h + t) * per_item))
         {
             out.push(std::mem::take(&mut cur));
+            (head, tail) = (0, 0);
         }
         cur.push(i);
+        (head, tail) = (head.max(h), tail.max(t));
     }
     if !cur.is_empty() {
         out.push(cur);
@@ -65,18 +74,28 @@ fn plan(lengths: &[usize], per_item: usize, lim: BatchLimits) -> Vec<Vec<usize>>
     out
 }
 
-/// Left-pads rows into a [B, T] id tensor; returns it with the pad counts.
-fn left_pad(rows: &[&[u32]], pad_id: u32, device: &Device) -> Result<(Tensor, Vec<usize>)> {
-    let t = rows.iter().map(|r| r.len()).max().unwrap_or(0);
-    let mut ids = Vec::with_capacity(rows.len() * t);
+/// Lays rows out as `[pad… head tail …pad]` with every head ending at the same column (see
+/// `plan`): returns the [B, W] ids, each row's left padding, and the head width.
+fn lay_out(rows: &[(&[u32], &[u32])], pad_id: u32, device: &Device) -> Result<(Tensor, Vec<usize>, usize)> {
+    let head = rows.iter().map(|r| r.0.len()).max().unwrap_or(0);
+    let tail = rows.iter().map(|r| r.1.len()).max().unwrap_or(0);
+    let w = head + tail;
+    let mut ids = Vec::with_capacity(rows.len() * w);
     let mut pads = Vec::with_capacity(rows.len());
-    for r in rows {
-        let p = t - r.len();
+    for (h, t) in rows {
+        let p = head - h.len();
         pads.push(p);
         ids.extend(std::iter::repeat_n(pad_id, p));
-        ids.extend_from_slice(r);
+        ids.extend_from_slice(h);
+        ids.extend_from_slice(t);
+        ids.extend(std::iter::repeat_n(pad_id, tail - t.len()));
     }
-    Ok((Tensor::from_vec(ids, (rows.len(), t), device)?, pads))
+    Ok((Tensor::from_vec(ids, (rows.len(), w), device)?, pads, head))
+}
+
+/// Per item: positions up to the last label (nothing after it needs to be fed).
+fn used_lengths(items: &[(Vec<u32>, Vec<i64>)]) -> Vec<usize> {
+    items.iter().map(|(_, l)| l.iter().rposition(|&x| x != IGNORE).map(|p| p + 1).unwrap_or(0)).collect()
 }
 
 /// Per variant, per item: log p(label_j | input_<j) for every supervised position j (labels aligned
@@ -88,62 +107,245 @@ pub fn score_targets(
     lim: BatchLimits,
 ) -> Result<Vec<Vec<Vec<f32>>>> {
     let mut out = vec![vec![Vec::new(); items.len()]; variants.len()];
-    // Only positions up to the last label matter; nothing after it is fed.
-    let used: Vec<usize> =
-        items.iter().map(|(_, l)| l.iter().rposition(|&x| x != IGNORE).map(|p| p + 1).unwrap_or(0)).collect();
+    let used = used_lengths(items);
     let todo: Vec<usize> = (0..items.len()).filter(|&i| used[i] > 1).collect();
-    let lengths: Vec<usize> = todo.iter().map(|&i| used[i]).collect();
-    let pad_id = model.cfg.pad_id.unwrap_or(0);
+    let lengths: Vec<(usize, usize)> = todo.iter().map(|&i| (0, used[i])).collect();
     for batch in plan(&lengths, variants.len(), lim) {
-        crate::stop::check()?;
-        let mut rows: Vec<&[u32]> = Vec::new();
-        let mut sel = Vec::new();
-        let mut which = Vec::new();
-        for &bi in &batch {
-            let i = todo[bi];
-            for (vi, v) in variants.iter().enumerate() {
-                rows.push(&items[i].0[..used[i]]);
-                sel.push(*v);
-                which.push((vi, i));
-            }
-        }
-        let (ids, pads) = left_pad(&rows, pad_id, model.device())?;
-        let t = ids.dims()[1];
-        let sel = RowSelection::new(sel, model.device(), model.dtype());
-        let hidden = model.forward(&ids, &pads, &sel, None)?;
-        // Logits only where a label follows: position j-1 predicts label j.
-        let mut at = Vec::new();
-        let mut tgt = Vec::new();
-        let mut owner = Vec::new();
-        for (r, &(vi, i)) in which.iter().enumerate() {
-            let labels = &items[i].1;
-            for (j, &label) in labels.iter().enumerate().take(used[i]).skip(1) {
-                if label != IGNORE {
-                    at.push((r * t + pads[r] + j - 1) as u32);
-                    tgt.push(label as u32);
-                    owner.push((vi, i));
-                }
-            }
-        }
-        if at.is_empty() {
-            continue;
-        }
-        let mut picked: Vec<f32> = Vec::with_capacity(at.len());
-        for (at, tgt) in at.chunks(lim.max_logit_rows.max(1)).zip(tgt.chunks(lim.max_logit_rows.max(1))) {
-            let lp = model.log_probs_at(&hidden, at)?;
-            let idx = Tensor::from_slice(tgt, (tgt.len(), 1), model.device())?;
-            picked.extend(lp.gather(&idx, 1)?.flatten_all()?.to_vec1::<f32>()?);
-        }
-        for (p, (vi, i)) in picked.into_iter().zip(owner) {
-            out[vi][i].push(p);
-        }
+        let batch: Vec<(usize, usize)> = batch.iter().map(|&b| (todo[b], 0)).collect();
+        score_batch(model, items, &used, &batch, variants, lim, false, &mut out)?;
     }
     Ok(out)
 }
 
+/// What a scoring batch leaves for generation: its rows' KV caches over their prompts.
+struct Pending {
+    cache: Cache,
+    pads: Vec<usize>,
+    sel: Vec<Variant>,
+    /// (variant index, item index) per row
+    which: Vec<(usize, usize)>,
+    /// Each row's first generated token (argmax after the prompt's last token).
+    first: Vec<u32>,
+}
+
+/// Scores one batch of `(item, head length)` rows (one row per variant). With `keep`, the rows'
+/// heads are the generation prompts and their KV caches are returned, cut to the heads.
+#[allow(clippy::too_many_arguments)]
+fn score_batch(
+    model: &Glm,
+    items: &[(Vec<u32>, Vec<i64>)],
+    used: &[usize],
+    batch: &[(usize, usize)],
+    variants: &[Variant],
+    lim: BatchLimits,
+    keep: bool,
+    out: &mut [Vec<Vec<f32>>],
+) -> Result<Option<Pending>> {
+    crate::stop::check()?;
+    let mut rows: Vec<(&[u32], &[u32])> = Vec::new();
+    let mut sel = Vec::new();
+    let mut which = Vec::new();
+    for &(i, head) in batch {
+        let ids = &items[i].0[..used[i]];
+        for (vi, v) in variants.iter().enumerate() {
+            rows.push(ids.split_at(head));
+            sel.push(*v);
+            which.push((vi, i));
+        }
+    }
+    let pad_id = model.cfg.pad_id.unwrap_or(0);
+    let (ids, pads, head) = lay_out(&rows, pad_id, model.device())?;
+    let t = ids.dims()[1];
+    let row_sel = RowSelection::new(sel.clone(), model.device(), model.dtype());
+    let mut cache = keep.then(|| model.new_cache(t));
+    let hidden = model.forward(&ids, &pads, &row_sel, cache.as_mut())?;
+    // Logits only where a label follows: position j-1 predicts label j.
+    let mut at = Vec::new();
+    let mut tgt = Vec::new();
+    let mut owner = Vec::new();
+    for (r, &(vi, i)) in which.iter().enumerate() {
+        let labels = &items[i].1;
+        for (j, &label) in labels.iter().enumerate().take(used[i]).skip(1) {
+            if label != IGNORE {
+                at.push((r * t + pads[r] + j - 1) as u32);
+                tgt.push(label as u32);
+                owner.push((vi, i));
+            }
+        }
+    }
+    let chunk = lim.max_logit_rows.max(1);
+    let mut picked: Vec<f32> = Vec::with_capacity(at.len());
+    for (at, tgt) in at.chunks(chunk).zip(tgt.chunks(chunk)) {
+        let lp = model.log_probs_at(&hidden, at)?;
+        let idx = Tensor::from_slice(tgt, (tgt.len(), 1), model.device())?;
+        picked.extend(lp.gather(&idx, 1)?.flatten_all()?.to_vec1::<f32>()?);
+    }
+    for (p, (vi, i)) in picked.into_iter().zip(owner) {
+        out[vi][i].push(p);
+    }
+    let Some(mut cache) = cache else { return Ok(None) };
+    let last: Vec<u32> = (0..rows.len()).map(|r| (r * t + head - 1) as u32).collect();
+    let first = model.logits_at(&hidden, &last)?.argmax(1)?.to_vec1()?;
+    cache.truncate(head)?;
+    Ok(Some(Pending { cache, pads, sel, which, first }))
+}
+
+/// Scores every item and generates from every prompt, sharing the work where a prompt is a prefix
+/// of the scored sequence (the usual case: the prompt is the conversation up to the answer that is
+/// scored): the scoring pass keeps its KV cache over the prompt, and generation starts decoding
+/// from it instead of prefilling the prompt again. Results as `score_targets` and `generate`.
+pub struct Outputs {
+    pub scores: Vec<Vec<Vec<f32>>>,
+    pub gens: Vec<Vec<Vec<u32>>>,
+    /// Seconds in teacher-forced passes (which include the prompts' prefill).
+    pub score_s: f64,
+    /// Seconds in decoding, plus the prefill of prompts that could not share the scoring pass.
+    pub generate_s: f64,
+}
+
+pub fn score_and_generate(
+    model: &Glm,
+    items: &[(Vec<u32>, Vec<i64>)],
+    prompts: &[Vec<u32>],
+    max_new: &[usize],
+    variants: &[Variant],
+    lim: BatchLimits,
+    gen: GenOptions,
+) -> Result<Outputs> {
+    let n = items.len();
+    if prompts.len() != n || max_new.len() != n {
+        bail!("{n} items, {} prompts, {} generation lengths", prompts.len(), max_new.len());
+    }
+    let mut scores = vec![vec![Vec::new(); n]; variants.len()];
+    let mut gens = vec![vec![Vec::new(); n]; variants.len()];
+    let (mut score_s, mut generate_s) = (0.0, 0.0);
+    let used = used_lengths(items);
+    let shared: Vec<bool> = (0..n)
+        .map(|i| {
+            let p = &prompts[i];
+            max_new[i] > 0 && used[i] > 1 && !p.is_empty() && p.len() <= used[i] && items[i].0.starts_with(p)
+        })
+        .collect();
+
+    // Shared items: scored with their prompts right-aligned, caches kept, decoded in groups.
+    let todo: Vec<usize> = (0..n).filter(|&i| shared[i]).collect();
+    let lengths: Vec<(usize, usize)> = todo.iter().map(|&i| (prompts[i].len(), used[i] - prompts[i].len())).collect();
+    let mut pending: Vec<Pending> = Vec::new();
+    let (mut rows, mut longest, mut steps) = (0usize, 0usize, 0usize);
+    for batch in plan(&lengths, variants.len(), lim) {
+        let batch: Vec<(usize, usize)> = batch.iter().map(|&b| (todo[b], prompts[todo[b]].len())).collect();
+        let b_rows = batch.len() * variants.len();
+        let b_len = batch.iter().map(|&(_, h)| h).max().unwrap_or(0);
+        let b_steps = batch.iter().map(|&(i, _)| max_new[i]).max().unwrap_or(0);
+        let grown = (rows + b_rows) * (longest.max(b_len) + steps.max(b_steps));
+        if !pending.is_empty() && (rows + b_rows > lim.max_rows || grown > lim.max_cache_tokens) {
+            let t = std::time::Instant::now();
+            decode_group(model, std::mem::take(&mut pending), max_new, gen, &mut gens)?;
+            generate_s += t.elapsed().as_secs_f64();
+            (rows, longest, steps) = (0, 0, 0);
+        }
+        let t = std::time::Instant::now();
+        let p = score_batch(model, items, &used, &batch, variants, lim, true, &mut scores)?;
+        score_s += t.elapsed().as_secs_f64();
+        pending.extend(p);
+        (rows, longest, steps) = (rows + b_rows, longest.max(b_len), steps.max(b_steps));
+    }
+    if !pending.is_empty() {
+        let t = std::time::Instant::now();
+        decode_group(model, pending, max_new, gen, &mut gens)?;
+        generate_s += t.elapsed().as_secs_f64();
+    }
+
+    // The rest: plain scoring, and generation with its own prefill.
+    let t = std::time::Instant::now();
+    let rest: Vec<usize> = (0..n).filter(|&i| !shared[i] && used[i] > 1).collect();
+    let lengths: Vec<(usize, usize)> = rest.iter().map(|&i| (0, used[i])).collect();
+    for batch in plan(&lengths, variants.len(), lim) {
+        let batch: Vec<(usize, usize)> = batch.iter().map(|&b| (rest[b], 0)).collect();
+        score_batch(model, items, &used, &batch, variants, lim, false, &mut scores)?;
+    }
+    score_s += t.elapsed().as_secs_f64();
+    let t = std::time::Instant::now();
+    let capped: Vec<usize> = (0..n).map(|i| if shared[i] { 0 } else { max_new[i] }).collect();
+    let g = generate(model, prompts, &capped, variants, lim, gen)?;
+    for (vi, per) in g.into_iter().enumerate() {
+        for (i, ids) in per.into_iter().enumerate() {
+            if !shared[i] {
+                gens[vi][i] = ids;
+            }
+        }
+    }
+    generate_s += t.elapsed().as_secs_f64();
+    Ok(Outputs { scores, gens, score_s, generate_s })
+}
+
+/// Stacks pending caches and decodes all their rows together.
+fn decode_group(
+    model: &Glm,
+    parts: Vec<Pending>,
+    max_new: &[usize],
+    gen: GenOptions,
+    out: &mut [Vec<Vec<u32>>],
+) -> Result<()> {
+    let steps = parts.iter().flat_map(|p| p.which.iter().map(|&(_, i)| max_new[i])).max().unwrap_or(0);
+    let (mut pads, mut sel, mut which, mut first, mut caches) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for p in parts {
+        caches.push(p.cache);
+        pads.push(p.pads);
+        sel.extend(p.sel);
+        which.extend(p.which);
+        first.extend(p.first);
+    }
+    let (cache, shifts) = Cache::stack(caches, steps)?;
+    let pads: Vec<usize> =
+        pads.into_iter().zip(shifts).flat_map(|(ps, s)| ps.into_iter().map(move |p| p + s)).collect();
+    decode(model, cache, &pads, &sel, &which, first, max_new, gen, out)
+}
+
+/// Greedy decoding from a filled cache: `next` holds each row's first new token.
+#[allow(clippy::too_many_arguments)]
+fn decode(
+    model: &Glm,
+    mut cache: Cache,
+    pads: &[usize],
+    sel: &[Variant],
+    which: &[(usize, usize)],
+    mut next: Vec<u32>,
+    max_new: &[usize],
+    gen: GenOptions,
+    out: &mut [Vec<Vec<u32>>],
+) -> Result<()> {
+    let eos = &model.cfg.eos_ids;
+    let steps = which.iter().map(|&(_, i)| max_new[i]).max().unwrap_or(0);
+    let sel = RowSelection::new(sel.to_vec(), model.device(), model.dtype());
+    let mut done = vec![false; which.len()];
+    for step in 0..steps {
+        for (r, &tok) in next.iter().enumerate() {
+            let (vi, i) = which[r];
+            if done[r] || step >= max_new[i] {
+                done[r] = true;
+                continue;
+            }
+            out[vi][i].push(tok);
+            if gen.stop_at_eos && eos.contains(&tok) {
+                done[r] = true;
+            }
+        }
+        if done.iter().all(|d| *d) || step + 1 == steps {
+            break;
+        }
+        crate::stop::check()?;
+        let input = Tensor::from_vec(next, (which.len(), 1), model.device())?;
+        let hidden = model.forward(&input, pads, &sel, Some(&mut cache))?;
+        next = model.last_logits(&hidden)?.argmax(1)?.to_vec1()?;
+    }
+    Ok(())
+}
+
 /// Greedy generation for every prompt and variant: new token ids (ending with the eos token when
-/// one was produced). `max_new[i]` caps item i. Up to `max_rows` rows decode together; their
-/// prompts are prefilled in chunks of at most `max_tokens` tokens.
+/// one was produced). `max_new[i]` caps item i. Rows decode together within `max_rows` and
+/// `max_cache_tokens`; their prompts are prefilled in chunks of at most `max_tokens` tokens.
 pub fn generate(
     model: &Glm,
     prompts: &[Vec<u32>],
@@ -153,65 +355,39 @@ pub fn generate(
     gen: GenOptions,
 ) -> Result<Vec<Vec<Vec<u32>>>> {
     let mut out = vec![vec![Vec::new(); prompts.len()]; variants.len()];
-    let lengths: Vec<usize> = prompts.iter().map(|p| p.len()).collect();
-    let eos = &model.cfg.eos_ids;
-    let pad_id = model.cfg.pad_id.unwrap_or(0);
-    // Decode batches are bounded by rows only: one decode step reads the weights once for all rows.
-    let decode_lim = BatchLimits { max_tokens: usize::MAX, ..lim };
+    let todo: Vec<usize> = (0..prompts.len()).filter(|&i| max_new[i] > 0 && !prompts[i].is_empty()).collect();
+    let lengths: Vec<(usize, usize)> = todo.iter().map(|&i| (prompts[i].len(), max_new[i])).collect();
+    // Decode batches are bounded by rows and cache size: one decode step reads the weights once for all rows.
+    let decode_lim = BatchLimits { max_tokens: lim.max_cache_tokens, ..lim };
     for batch in plan(&lengths, variants.len(), decode_lim) {
         crate::stop::check()?;
-        let mut rows: Vec<&[u32]> = Vec::new();
+        let mut rows: Vec<(&[u32], &[u32])> = Vec::new();
         let mut sel = Vec::new();
         let mut which = Vec::new();
-        for &i in &batch {
+        for &b in &batch {
+            let i = todo[b];
             for (vi, v) in variants.iter().enumerate() {
-                rows.push(&prompts[i]);
+                rows.push((&prompts[i], &[]));
                 sel.push(*v);
                 which.push((vi, i));
             }
         }
-        let steps = batch.iter().map(|&i| max_new[i]).max().unwrap_or(0);
-        if steps == 0 {
-            continue;
-        }
-        let (ids, pads) = left_pad(&rows, pad_id, model.device())?;
-        let t = ids.dims()[1];
+        let steps = which.iter().map(|&(_, i)| max_new[i]).max().unwrap_or(0);
+        let (ids, pads, t) = lay_out(&rows, model.cfg.pad_id.unwrap_or(0), model.device())?;
         // Prefill in row chunks that fit the token budget, then stack their caches.
         let chunk = (lim.max_tokens / t.max(1)).clamp(1, rows.len());
         let mut caches = Vec::new();
-        let mut last = Vec::new();
+        let mut first = Vec::new();
         for start in (0..rows.len()).step_by(chunk) {
             let n = chunk.min(rows.len() - start);
             let sel_c = RowSelection::new(sel[start..start + n].to_vec(), model.device(), model.dtype());
-            let mut cache = model.new_cache(t + steps);
+            let mut cache = model.new_cache(t);
             let hidden = model.forward(&ids.narrow(0, start, n)?, &pads[start..start + n], &sel_c, Some(&mut cache))?;
-            last.push(model.last_logits(&hidden)?.argmax(1)?);
+            first.extend(model.last_logits(&hidden)?.argmax(1)?.to_vec1::<u32>()?);
             caches.push(cache);
         }
-        let mut cache = if caches.len() == 1 { caches.remove(0) } else { model.concat_caches(caches, t + steps)? };
-        let sel = RowSelection::new(sel, model.device(), model.dtype());
-        let mut next: Vec<u32> = Tensor::cat(&last, 0)?.to_vec1()?;
-        let mut done = vec![false; rows.len()];
-        for step in 0..steps {
-            for (r, &tok) in next.iter().enumerate() {
-                let (vi, i) = which[r];
-                if done[r] || step >= max_new[i] {
-                    done[r] = true;
-                    continue;
-                }
-                out[vi][i].push(tok);
-                if gen.stop_at_eos && eos.contains(&tok) {
-                    done[r] = true;
-                }
-            }
-            if done.iter().all(|d| *d) || step + 1 == steps {
-                break;
-            }
-            crate::stop::check()?;
-            let input = Tensor::from_vec(next, (rows.len(), 1), model.device())?;
-            let hidden = model.forward(&input, &pads, &sel, Some(&mut cache))?;
-            next = model.last_logits(&hidden)?.argmax(1)?.to_vec1()?;
-        }
+        let (cache, _) = Cache::stack(caches, steps)?;
+        decode(model, cache, &pads, &sel, &which, first, max_new, gen, &mut out)?;
     }
     Ok(out)
 }
