@@ -4,11 +4,12 @@
 use glm4_verify::tokenizer::GlmTokenizer;
 
 /// `tokenizer_json`: tokenizers 0.23 `expect`s while deserialising "decoder" and a "Precompiled"
-/// normalizer, so these tokenizer.json files panicked inside `GlmTokenizer::from_dir`.
+/// normalizer, and slices past a buffer while building a BPE, so these tokenizer.json files panicked
+/// inside `GlmTokenizer::from_dir`.
 #[test]
 fn tokenizer_json_that_panicked_tokenizers_is_an_error() {
     let deep = format!("{{\"decoder\": {}{}}}", "[".repeat(200), "]".repeat(200));
-    let cases: [(&str, &[u8]); 7] = [
+    let cases: [(&str, &[u8]); 8] = [
         // The fuzzer's crash (its decoder part): raw control characters in a key inside "decoder".
         (
             "control characters in decoder",
@@ -28,6 +29,12 @@ fn tokenizer_json_that_panicked_tokenizers_is_an_error() {
             b"{\"normalizer\":{\"type\":\"Sequence\",\"normalizers\":[{\"type\":\"NFC\"},{\"type\":\"Precompiled\"}]}}",
         ),
         ("not UTF-8", b"{\"decoder\": \"\xff\"}"),
+        // A BPE merge "a" + "b" longer than every vocabulary entry: tokenizers indexed past a buffer
+        // (the fuzzer's input was the seed with most of its vocabulary erased).
+        (
+            "BPE merge longer than the vocabulary",
+            b"{\"model\":{\"type\":\"BPE\",\"vocab\":{\"a\":0,\"b\":1},\"merges\":[[\"a\",\"b\"]]}}",
+        ),
     ];
     for (what, bytes) in cases {
         let dir = tempfile::tempdir().unwrap();

@@ -65,3 +65,22 @@ pub fn safetensors_bytes(tensors: &[(&str, &str, &[usize], &[u8])]) -> Vec<u8> {
     }
     out
 }
+
+/// For a target whose entry point turns a dependency's panic into an error with `catch_unwind`
+/// (`GlmTokenizer::from_dir` does for tokenizers' parse): replaces libfuzzer-sys's panic hook, which
+/// aborts on every panic, caught or not, with one that only prints each panic location once (every
+/// time with GLM4_FUZZ_DEBUG). A panic that escapes the library is still a crash: libfuzzer-sys
+/// catches it around the target and aborts.
+pub fn allow_caught_panics() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let seen = std::sync::Mutex::new(std::collections::HashSet::new());
+        std::panic::set_hook(Box::new(move |info| {
+            let at = info.location().map(|l| l.to_string()).unwrap_or_default();
+            let first = seen.lock().map(|mut s| s.insert(at)).unwrap_or(true);
+            if first || std::env::var_os("GLM4_FUZZ_DEBUG").is_some() {
+                eprintln!("panic (caught by the library unless a crash follows): {info}");
+            }
+        }));
+    });
+}

@@ -1,11 +1,13 @@
 #![no_main]
 //! tokenizer.json → GlmTokenizer::from_dir on a directory holding only it (so the built-in GLM-4
 //! chat template), then a fixed string encoded and decoded, and a fixed chat rendered and tokenised.
+//! `from_dir` contains panics of tokenizers' parse (an error instead), so only a panic that escapes
+//! it is a finding.
 use std::sync::OnceLock;
 
 use glm4_verify::data::Message;
 use glm4_verify::tokenizer::GlmTokenizer;
-use glm4_verify_fuzz::{debug, fixed_dir};
+use glm4_verify_fuzz::{allow_caught_panics, debug, fixed_dir};
 use libfuzzer_sys::fuzz_target;
 
 static DIR: OnceLock<tempfile::TempDir> = OnceLock::new();
@@ -13,6 +15,7 @@ static DIR: OnceLock<tempfile::TempDir> = OnceLock::new();
 const TEXT: &str = "[gMASK]<sop><|user|>\nThe team's tea, \t twice!  Grüße 你好 🙂\r\n<|assistant|>\nok<|endoftext|>";
 
 fuzz_target!(|data: &[u8]| {
+    allow_caught_panics();
     let dir = fixed_dir(&DIR, Vec::new);
     std::fs::write(dir.join("tokenizer.json"), data).expect("write tokenizer.json");
     let tok = match GlmTokenizer::from_dir(dir) {

@@ -52,7 +52,7 @@ impl GlmTokenizer {
         let (inner, source) = if tj.is_file() {
             let text = std::fs::read_to_string(&tj).with_context(|| format!("cannot read {}", tj.display()))?;
             let t = check_tokenizer_json(&text)
-                .and_then(|()| text.parse::<tokenizers::Tokenizer>().map_err(|e| anyhow!("{e}")))
+                .and_then(|()| parse_tokenizer(&text))
                 .map_err(|e| anyhow!("{} does not parse as a tokenizers file: {e}", tj.display()))?;
             (t, tj)
         } else if tm.is_file() {
@@ -147,6 +147,19 @@ fn check_tokenizer_json(text: &str) -> Result<()> {
     }
     let head: Head = serde_json::from_str(text)?;
     precompiled(&head.normalizer)
+}
+
+/// tokenizers' own parse, with a panic in it turned into an error: 0.23 has more than
+/// `check_tokenizer_json` catches, e.g. a BPE merge whose pair is longer than every vocabulary entry
+/// indexes past a buffer (found by fuzzing). The panic message still goes to stderr first.
+fn parse_tokenizer(text: &str) -> Result<tokenizers::Tokenizer> {
+    match std::panic::catch_unwind(|| text.parse::<tokenizers::Tokenizer>()) {
+        Ok(t) => t.map_err(|e| anyhow!("{e}")),
+        Err(p) => {
+            let why = p.downcast_ref::<&str>().copied().or(p.downcast_ref::<String>().map(String::as_str));
+            bail!("the tokenizers library panicked on it ({})", why.unwrap_or("no message"))
+        }
+    }
 }
 
 fn tojson(v: minijinja::Value, kwargs: minijinja::value::Kwargs) -> std::result::Result<String, minijinja::Error> {
