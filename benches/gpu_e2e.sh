@@ -8,7 +8,7 @@
 # (../shared/fixtures/glm4-tiny/tokenizer) into one folder, then:
 #   BIN=devbox/glm4-verify ANCHOR=devbox/hf_peft_anchor.py TOK=devbox/tokenizer benches/gpu_e2e.sh
 # Env: DIR (generated model, default /tmp/glm4-9b-random), LAYERS (default 40), OUT (results folder),
-# SKIP_BEST=1 to skip the anchor's --gen-batch 128 setting.
+# SKIP_BEST=1 to skip the anchor's --gen-batch 128 setting, PROFILE=1 for a profiled run of glm4-verify.
 set -euo pipefail
 BIN=${BIN:?path to the CUDA glm4-verify binary}
 ANCHOR=${ANCHOR:?path to hf_peft_anchor.py}
@@ -43,6 +43,12 @@ run_ours warm "$DIR/adapter"
 mkdir -p "$DIR/four"
 for k in 1 2 3 4; do [ -e "$DIR/four/a$k" ] || cp -r "$DIR/adapter" "$DIR/four/a$k"; done
 run_ours four "$DIR/four/a1" "$DIR/four/a2" "$DIR/four/a3" "$DIR/four/a4"
+# Where the time goes (device time per forward-pass section, synchronised: slower than a plain run).
+if [ -n "${PROFILE:-}" ]; then
+  GLM4_VERIFY_PROFILE=1 "$BIN" --adapter "$DIR/adapter" --base "$DIR/base" --data "$DIR/data.jsonl" --max-new-tokens 64 \
+    --ignore-eos --device cuda --format json -o "$OUT/ours-profile.json" 2> "$OUT/profile.txt" || true
+  cat "$OUT/profile.txt"
+fi
 # The anchor's best setting (generation batched 128 rows).
 if [ -z "${SKIP_BEST:-}" ]; then
   python3 "$ANCHOR" --dir "$DIR" --tokenizer "$TOK" --layers "$LAYERS" --gen-batch 128 | tail -1 | tee "$OUT/anchor-best.json"

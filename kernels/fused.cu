@@ -18,14 +18,21 @@ template <typename T> __device__ __forceinline__ float round_t(float x) { return
 // projection, rounded like transformers' `up * act_fn(gate)` (silu rounded, then the product).
 template <typename T>
 __device__ void swiglu(const T *gu, T *out, long long rows, long long m) {
-  long long n = rows * m;
-  for (long long k = blockIdx.x * (long long)blockDim.x + threadIdx.x; k < n; k += (long long)gridDim.x * blockDim.x) {
-    long long r = k / m, c = k - r * m;
-    float g = to_f(gu[r * 2 * m + c]);
-    float s = round_t<T>(g / (1.0f + expf(-g)));
-    out[k] = from_f<T>(s * to_f(gu[r * 2 * m + m + c]));
+  // 2D grid (columns × rows): no 64-bit division per element.
+  for (long long r = blockIdx.y; r < rows; r += gridDim.y) {
+    const T *g = gu + r * 2 * m;
+    for (long long c = blockIdx.x * (long long)blockDim.x + threadIdx.x; c < m; c += (long long)gridDim.x * blockDim.x) {
+      float x = to_f(g[c]);
+      float s = round_t<T>(x / (1.0f + expf(-x)));
+      out[r * m + c] = from_f<T>(s * to_f(g[m + c]));
+    }
   }
 }
+
+// Log-probability of one target per row of logits [N, V]: logits[n, tgt[n]] - logsumexp(logits[n]),
+// in f32 (as log_softmax(logits.float()) then gather). One block per row.
+template <typename T>
+__device__ void target_logprob(const T *logits, const unsigned int *tgt, float *out, int v);
 
 __device__ __forceinline__ float block_reduce(float v, bool is_max, float *shared) {
   for (int o = 16; o > 0; o >>= 1) {
@@ -69,6 +76,58 @@ __device__ void masked_softmax(T *x, const unsigned int *pad, int heads, int t, 
   }
 }
 
+// Splits a fused q/k/v projection qkv [B, T, (nh + 2·kvh)·D] into heads-first q [B, nh, T, D],
+// k and v [B, kvh, T, D] (written one after the other to `out`), applying interleaved RoPE to the
+// first `rd` dims of every q and k head with cos/sin [B, T, rd/2]. Rounded after every product and
+// sum, as candle's rope_i and transformers' bf16 rotary code are.
+template <typename T>
+__device__ void qkv_rope(const T *qkv, const T *cos, const T *sin, T *out, int b, int t, int nh, int kvh, int d, int rd) {
+  int heads = nh + 2 * kvh;
+  long long pairs = (long long)b * t * heads * (d / 2);
+  long long q_len = (long long)b * nh * t * d, kv_len = (long long)b * kvh * t * d;
+  for (long long k = blockIdx.x * (long long)blockDim.x + threadIdx.x; k < pairs; k += (long long)gridDim.x * blockDim.x) {
+    int p = (int)(k % (d / 2));
+    long long rest = k / (d / 2);
+    int h = (int)(rest % heads);
+    long long bt = rest / heads;
+    int bi = (int)(bt / t), ti = (int)(bt % t);
+    const T *src = qkv + bt * heads * d + (long long)h * d + 2 * p;
+    float x0 = to_f(src[0]), x1 = to_f(src[1]), y0 = x0, y1 = x1;
+    if (h < nh + kvh && 2 * p < rd) {
+      float c = to_f(cos[bt * (rd / 2) + p]), s = to_f(sin[bt * (rd / 2) + p]);
+      y0 = round_t<T>(round_t<T>(x0 * c) - round_t<T>(x1 * s));
+      y1 = round_t<T>(round_t<T>(x0 * s) + round_t<T>(x1 * c));
+    }
+    T *dst;
+    if (h < nh) {
+      dst = out + (((long long)bi * nh + h) * t + ti) * d;
+    } else if (h < nh + kvh) {
+      dst = out + q_len + (((long long)bi * kvh + (h - nh)) * t + ti) * d;
+    } else {
+      dst = out + q_len + kv_len + (((long long)bi * kvh + (h - nh - kvh)) * t + ti) * d;
+    }
+    dst[2 * p] = from_f<T>(y0);
+    dst[2 * p + 1] = from_f<T>(y1);
+  }
+}
+
+template <typename T>
+__device__ void target_logprob(const T *logits, const unsigned int *tgt, float *out, int v) {
+  __shared__ float shared[32];
+  long long row = blockIdx.x;
+  const T *x = logits + row * (long long)v;
+  float mx = -INFINITY;
+  for (int j = threadIdx.x; j < v; j += blockDim.x) mx = fmaxf(mx, to_f(x[j]));
+  mx = block_reduce(mx, true, shared);
+  float sum = 0.0f;
+  for (int j = threadIdx.x; j < v; j += blockDim.x) sum += expf(to_f(x[j]) - mx);
+  sum = block_reduce(sum, false, shared);
+  if (threadIdx.x == 0) {
+    unsigned int t = tgt[row];
+    out[row] = t < (unsigned int)v ? to_f(x[t]) - mx - logf(sum) : NAN;
+  }
+}
+
 #define INSTANTIATE(T, SUFFIX)                                                                              \
   extern "C" __global__ void swiglu_##SUFFIX(const T *gu, T *out, long long rows, long long m) {           \
     swiglu<T>(gu, out, rows, m);                                                                            \
@@ -76,6 +135,13 @@ __device__ void masked_softmax(T *x, const unsigned int *pad, int heads, int t, 
   extern "C" __global__ void masked_softmax_##SUFFIX(T *x, const unsigned int *pad, int heads, int t, int s, \
                                                      int offset, float scale) {                             \
     masked_softmax<T>(x, pad, heads, t, s, offset, scale);                                                  \
+  }                                                                                                         \
+  extern "C" __global__ void qkv_rope_##SUFFIX(const T *qkv, const T *cos, const T *sin, T *out, int b, int t,  \
+                                               int nh, int kvh, int d, int rd) {                            \
+    qkv_rope<T>(qkv, cos, sin, out, b, t, nh, kvh, d, rd);                                                  \
+  }                                                                                                         \
+  extern "C" __global__ void target_logprob_##SUFFIX(const T *logits, const unsigned int *tgt, float *out, int v) { \
+    target_logprob<T>(logits, tgt, out, v);                                                                 \
   }
 
 INSTANTIATE(float, f32)

@@ -7,6 +7,17 @@ use crate::checks::hardware::DeviceInfo;
 
 /// auto | cpu | cuda | cuda:N
 pub fn select(arg: &str) -> Result<Device> {
+    let d = pick(arg)?;
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(c) = &d {
+        // SAFETY: everything runs on the device's one stream, where frees and uses are ordered
+        // anyway; per-tensor event tracking only adds driver calls to every kernel launch.
+        unsafe { c.disable_event_tracking() };
+    }
+    Ok(d)
+}
+
+fn pick(arg: &str) -> Result<Device> {
     match arg {
         "cpu" => Ok(Device::Cpu),
         "auto" => {
@@ -74,4 +85,29 @@ pub fn dtype_name(d: DType) -> &'static str {
         DType::F16 => "f16",
         _ => "other",
     }
+}
+
+/// Free and total memory of a CUDA device, in words (for out-of-memory messages).
+pub fn memory_summary(device: &Device) -> String {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(_) = device {
+        if let Ok((free, total)) = candle_core::cuda_backend::cudarc::driver::result::mem_get_info() {
+            let gb = |b: usize| b as f64 / 1e9;
+            return format!("{:.1} GB free of {:.1} GB on the GPU", gb(free), gb(total));
+        }
+    }
+    match device {
+        Device::Cpu => "on the CPU".into(),
+        _ => "device memory unknown".into(),
+    }
+}
+
+/// Free memory of a CUDA device in bytes (None on the CPU).
+pub fn free_memory(device: &Device) -> Option<usize> {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(_) = device {
+        return candle_core::cuda_backend::cudarc::driver::result::mem_get_info().ok().map(|(free, _)| free);
+    }
+    let _ = device;
+    None
 }

@@ -18,7 +18,7 @@ use crate::finding::Finding;
 use crate::model;
 use crate::model::profile::section;
 use crate::report::{AdapterInfo, BaseInfo, Report, Timings, SCHEMA_VERSION};
-use crate::score::engine::{score_and_generate, BatchLimits, GenOptions, Variant};
+use crate::score::engine::{is_out_of_memory, score_and_generate, BatchLimits, GenOptions, Variant};
 use crate::score::metrics::{summarize, Measured};
 use crate::suite::Suite;
 use crate::tokenizer::recipe::{encode, prompt_and_answer, Encoded, Recipe, IGNORE};
@@ -441,10 +441,11 @@ pub fn verify(opts: &Options) -> Result<Vec<Report>> {
     };
     common.extend(checks::hardware::check_precision(&dinfo, device::dtype_name(dtype), tb, tf));
 
+    crate::model::profile::phase("load");
     let progress = Progress::new(opts.progress);
     progress.stage(format!("loading {}", base_dir.display()));
     let t_load = Instant::now();
-    let mut base = section("load: weights", &dev, || model::load_dir(&base_dir, dtype, &dev))?;
+    let mut base = section("weights", &dev, || model::load_dir(&base_dir, dtype, &dev))?;
     // LoRA adapters ride the side path of the one base; merged models are separate models.
     let mut lora_slots: Vec<Option<usize>> = Vec::new();
     let mut per_adapter: Vec<(Vec<Finding>, AdapterInfo)> = Vec::new();
@@ -454,7 +455,7 @@ pub fn verify(opts: &Options) -> Result<Vec<Report>> {
             AdapterInput::Lora { dir, note } => {
                 let a = Adapter::open(dir)?;
                 let m = match_to_base(&a, &base.cfg)?;
-                let mut fs = section("load: adapter checks", &dev, || {
+                let mut fs = section("adapter checks", &dev, || {
                     let mut fs = checks::adapter::check_files(&a, &m, &base.cfg)?;
                     fs.extend(checks::adapter::check_effect(&checks::adapter::weight_from_model(&base), &m)?.1);
                     Ok(fs)
@@ -498,11 +499,11 @@ pub fn verify(opts: &Options) -> Result<Vec<Report>> {
             }
         }
     }
-    section("load: attach adapters", &dev, || base.attach(&attach))?;
+    section("attach adapters", &dev, || base.attach(&attach))?;
     let layout = base.cfg.layout.as_str().to_string();
     let mut load_s = t_load.elapsed().as_secs_f64();
 
-    let lim = limits(opts, &dev);
+    let lim = limits(opts, &dev, &base.cfg, dtype)?;
     let gen_opts = GenOptions { stop_at_eos: !opts.ignore_eos };
     let items: Vec<(Vec<u32>, Vec<i64>)> =
         prepared.iter().map(|p| (p.encoded.input_ids.clone(), p.encoded.labels.clone())).collect();
@@ -526,7 +527,9 @@ pub fn verify(opts: &Options) -> Result<Vec<Report>> {
         variants.len()
     ));
     // Generation continues from the scoring pass's prompt caches (see score_and_generate).
-    let out = score_and_generate(&base, &items, &prompts, &max_new, &variants, lim, gen_opts)?;
+    let out = with_memory_retry(lim, &dev, &mut common, |lim| {
+        score_and_generate(&base, &items, &prompts, &max_new, &variants, lim, gen_opts)
+    })?;
     let (mut lp, mut gens, mut score_s, mut generate_s) = (out.scores, out.gens, out.score_s, out.generate_s);
     drop(base);
     progress.finish();
@@ -538,7 +541,9 @@ pub fn verify(opts: &Options) -> Result<Vec<Report>> {
             let t = Instant::now();
             let m = model::load_dir(dir, dtype, &dev)?;
             load_s += t.elapsed().as_secs_f64();
-            let mut out = score_and_generate(&m, &items, &prompts, &max_new, &[None], lim, gen_opts)?;
+            let mut out = with_memory_retry(lim, &dev, &mut common, |lim| {
+                score_and_generate(&m, &items, &prompts, &max_new, &[None], lim, gen_opts)
+            })?;
             score_s += out.score_s;
             generate_s += out.generate_s;
             merged_results.push((out.scores.remove(0), out.gens.remove(0)));
@@ -638,26 +643,82 @@ pub fn verify(opts: &Options) -> Result<Vec<Report>> {
     Ok(reports)
 }
 
+/// Runs `f`; when the device runs out of memory, again with every batch limit halved, down to one
+/// row at a time (each retry is an info finding in the report). Then a clear error.
+fn with_memory_retry<T>(
+    mut lim: BatchLimits,
+    dev: &Device,
+    findings: &mut Vec<Finding>,
+    mut f: impl FnMut(BatchLimits) -> Result<T>,
+) -> Result<T> {
+    loop {
+        match f(lim) {
+            Err(e) if is_out_of_memory(&e) => match lim.halved() {
+                Some(smaller) => {
+                    findings.push(Finding::info(
+                        "gpu_out_of_memory_retried",
+                        format!("the device ran out of memory with batches of {lim}; retried with {smaller}"),
+                    ));
+                    lim = smaller;
+                }
+                None => bail!(
+                    "the device runs out of memory even one row at a time ({}): the model and one sequence do not fit; use a GPU with more memory, --dtype bf16, shorter --max-input-length / fewer --max-new-tokens, or --device cpu ({e:#})",
+                    device::memory_summary(dev)
+                ),
+            },
+            other => return other,
+        }
+    }
+}
+
 /// Batch limits: `--batch-size` rows, or a size that fits the device.
-fn limits(opts: &Options, dev: &Device) -> BatchLimits {
+fn limits(opts: &Options, dev: &Device, cfg: &model::ModelConfig, dtype: DType) -> Result<BatchLimits> {
     let rows = opts.batch_size.or(opts.suite.batch_size);
-    match dev {
+    let mut lim = match dev {
         Device::Cpu => BatchLimits {
             max_rows: rows.unwrap_or(32),
             max_tokens: 8192,
             max_logit_rows: 1024,
             max_cache_tokens: 1 << 16,
         },
-        // Scoring and prefill at ~16k tokens per pass keep the GEMMs large and the unfused
-        // attention scores ([B, heads, T, T] bf16) near 1 GB at T = 1000; decode takes up to 256
-        // rows, with at most 64k cached positions (2.6 GB on GLM-4-9B: 40 KB per position).
-        _ => BatchLimits {
-            max_rows: rows.unwrap_or(256),
-            max_tokens: 16384,
-            max_logit_rows: 1024,
-            max_cache_tokens: 1 << 16,
-        },
+        // Scoring passes of ~16k tokens keep the GEMMs large and the attention scores
+        // ([B, heads, T, T] bf16) near 1 GB at T = 1000. Decoding is bound by a fixed cost per step
+        // (one read of the weights and ~1,400 kernel launches), so as many rows as possible decode
+        // together: their prompts' KV caches may take half of the memory left after loading.
+        _ => {
+            let per_position = cfg.num_layers * 2 * cfg.kv_out() * dtype.size_in_bytes();
+            let cache = device::free_memory(dev).map_or(1 << 16, |free| free / 2 / per_position.max(1));
+            BatchLimits {
+                max_rows: rows.unwrap_or(512),
+                max_tokens: 16384,
+                max_logit_rows: 1024,
+                max_cache_tokens: cache.max(1 << 14),
+            }
+        }
+    };
+    // Tuning knob for memory/speed trade-offs (benchmarks): GLM4_VERIFY_LIMITS="tokens=8192,cache=32768,logits=256".
+    if let Ok(spec) = std::env::var("GLM4_VERIFY_LIMITS") {
+        for part in spec.split(',').filter(|p| !p.trim().is_empty()) {
+            let (k, v) = part.split_once('=').unwrap_or((part, ""));
+            let n: usize = v.trim().parse().ok().filter(|&n| n > 0).ok_or_else(|| {
+                anyhow!("GLM4_VERIFY_LIMITS: {part:?} is not key=positive number (keys: rows, tokens, logits, cache)")
+            })?;
+            match k.trim() {
+                "rows" => lim.max_rows = n,
+                "tokens" => lim.max_tokens = n,
+                "logits" => lim.max_logit_rows = n,
+                "cache" => lim.max_cache_tokens = n,
+                other => bail!("GLM4_VERIFY_LIMITS: unknown key {other:?} (keys: rows, tokens, logits, cache)"),
+            }
+        }
     }
+    // candle's CUDA kernels index elements with 32-bit integers: no activation may reach 2^31
+    // elements (past that they fault instead of running out of memory).
+    const MAX_ELEMS: usize = (1 << 31) - 1;
+    let widest = (2 * cfg.intermediate_size).max(cfg.q_out() + 2 * cfg.kv_out()).max(cfg.hidden_size) + 256;
+    lim.max_tokens = lim.max_tokens.min(MAX_ELEMS / widest).max(1);
+    lim.max_logit_rows = lim.max_logit_rows.min(MAX_ELEMS / cfg.vocab_size.max(1)).max(1);
+    Ok(lim)
 }
 
 /// A spinner on stderr naming the stage running (indicatif); nothing when off.

@@ -280,3 +280,34 @@ fn timeout_stops_with_exit_2_and_writes_no_report() {
     assert!(!out.exists());
     assert_eq!(std::fs::read_dir(tmp.path()).unwrap().count(), 0, "no temporary file left");
 }
+
+#[test]
+fn out_of_memory_retries_with_smaller_batches_then_fails_clearly() {
+    // The engine fails any pass over more than N tokens as a CUDA allocation would.
+    let (a, b, d) = (f("adapters/good"), f("base"), f("data/train.jsonl"));
+    let args = ["--adapter", &a, "--base", &b, "--data", &d, "--device", "cpu", "--format", "json"];
+    let (_, plain, _) = run(&args);
+    let plain: serde_json::Value = serde_json::from_str(&plain).unwrap();
+    let out = bin().args(args).env("GLM4_VERIFY_SIMULATE_OOM_TOKENS", "300").output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let retries: Vec<&serde_json::Value> =
+        v["findings"].as_array().unwrap().iter().filter(|f| f["code"] == "gpu_out_of_memory_retried").collect();
+    assert!(!retries.is_empty(), "{}", v["findings"]);
+    assert!(retries[0]["message"].as_str().unwrap().contains("8192 tokens per pass"), "{}", retries[0]);
+    // Same numbers as without the retry.
+    for (s, p) in v["samples"].as_array().unwrap().iter().zip(plain["samples"].as_array().unwrap()) {
+        for k in ["logprob_base", "logprob_tuned"] {
+            let (x, y) = (s[k].as_f64().unwrap(), p[k].as_f64().unwrap());
+            assert!((x - y).abs() <= 1e-4 * y.abs(), "{k}: {x} vs {y}");
+        }
+        assert_eq!(s["generation_tuned"], p["generation_tuned"]);
+    }
+    // A single sample (two rows of ~30 tokens) never fits in 40 tokens: a clear error, exit 2.
+    let out = bin().args(args).env("GLM4_VERIFY_SIMULATE_OOM_TOKENS", "40").output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("out of memory even one row at a time") && !err.contains("panicked"), "{err}");
+    assert!(out.stdout.is_empty());
+}

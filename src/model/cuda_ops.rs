@@ -4,7 +4,9 @@
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg};
 use candle_core::cuda_backend::WrapErr;
-use candle_core::{CpuStorage, CudaDevice, CudaStorage, CustomOp1, DType, InplaceOp2, Layout, Shape, Tensor};
+use candle_core::{
+    CpuStorage, CudaDevice, CudaStorage, CustomOp1, CustomOp3, DType, InplaceOp2, Layout, Shape, Tensor,
+};
 use half::{bf16, f16};
 
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/fused.ptx"));
@@ -164,5 +166,226 @@ impl InplaceOp2 for MaskedSoftmax {
             DType::F16 => self.run(s.as_cuda_slice_mut::<f16>()?, offs, &pad, &dev, dims, &name),
             _ => self.run(s.as_cuda_slice_mut::<f32>()?, offs, &pad, &dev, dims, &name),
         }
+    }
+}
+
+/// Splits qkv [B, T, (nh + 2·kvh)·D] into q [B, nh, T, D], k, v [B, kvh, T, D] (contiguous), with
+/// interleaved RoPE on the first `rd` dims of q and k heads (cos/sin [B, T, rd/2], model dtype).
+pub fn qkv_rope(
+    qkv: &Tensor,
+    cos: &Tensor,
+    sin: &Tensor,
+    heads: (usize, usize, usize),
+    rd: usize,
+) -> candle_core::Result<(Tensor, Tensor, Tensor)> {
+    let (nh, kvh, d) = heads;
+    let (b, t, _) = qkv.dims3()?;
+    let flat = qkv.apply_op3_no_bwd(&cos.contiguous()?, &sin.contiguous()?, &QkvRope { nh, kvh, d, rd })?;
+    let (q_len, kv_len) = (b * nh * t * d, b * kvh * t * d);
+    let q = flat.narrow(0, 0, q_len)?.reshape((b, nh, t, d))?;
+    let k = flat.narrow(0, q_len, kv_len)?.reshape((b, kvh, t, d))?;
+    let v = flat.narrow(0, q_len + kv_len, kv_len)?.reshape((b, kvh, t, d))?;
+    Ok((q, k, v))
+}
+
+struct QkvRope {
+    nh: usize,
+    kvh: usize,
+    d: usize,
+    rd: usize,
+}
+
+impl QkvRope {
+    #[allow(clippy::too_many_arguments)]
+    fn run<T: DeviceRepr>(
+        &self,
+        x: (&CudaSlice<T>, (usize, usize)),
+        cos: (&CudaSlice<T>, (usize, usize)),
+        sin: (&CudaSlice<T>, (usize, usize)),
+        dev: &CudaDevice,
+        (b, t): (usize, usize),
+        name: &str,
+    ) -> candle_core::Result<CudaSlice<T>> {
+        let n = b * t * (self.nh + 2 * self.kvh) * self.d;
+        // SAFETY: every element is written by the kernel.
+        let out = unsafe { dev.alloc::<T>(n)? };
+        let (x, cos, sin) =
+            (x.0.slice(x.1 .0..x.1 .1), cos.0.slice(cos.1 .0..cos.1 .1), sin.0.slice(sin.1 .0..sin.1 .1));
+        let func = dev.get_or_load_custom_func(name, MODULE, PTX)?;
+        let pairs = (n / 2) as u64;
+        let grid = pairs.div_ceil(256).clamp(1, 65535 * 16) as u32;
+        let cfg = LaunchConfig { grid_dim: (grid, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        let mut bld = func.builder();
+        let ints = [b, t, self.nh, self.kvh, self.d, self.rd].map(|v| v as i32);
+        bld.arg(&x);
+        bld.arg(&cos);
+        bld.arg(&sin);
+        bld.arg(&out);
+        for v in &ints {
+            bld.arg(v);
+        }
+        // SAFETY: argument types match the kernel's signature.
+        unsafe { bld.launch(cfg) }.w()?;
+        Ok(out)
+    }
+}
+
+impl CustomOp3 for QkvRope {
+    fn name(&self) -> &'static str {
+        "fused-qkv-rope"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        candle_core::bail!("the fused qkv/rope kernel runs on CUDA only")
+    }
+
+    fn cuda_fwd(
+        &self,
+        x: &CudaStorage,
+        xl: &Layout,
+        c: &CudaStorage,
+        cl: &Layout,
+        s: &CudaStorage,
+        sl: &Layout,
+    ) -> candle_core::Result<(CudaStorage, Shape)> {
+        let (b, t, w) = xl.shape().dims3()?;
+        if w != (self.nh + 2 * self.kvh) * self.d
+            || self.rd > self.d
+            || !self.d.is_multiple_of(2)
+            || !self.rd.is_multiple_of(2)
+        {
+            candle_core::bail!(
+                "qkv/rope: width {w} for {} + 2·{} heads of {} ({} rotary)",
+                self.nh,
+                self.kvh,
+                self.d,
+                self.rd
+            );
+        }
+        if cl.shape().elem_count() != b * t * self.rd / 2 || sl.shape().elem_count() != b * t * self.rd / 2 {
+            candle_core::bail!("qkv/rope: cos/sin of {:?} for [{b}, {t}, {}]", cl.dims(), self.rd / 2);
+        }
+        let (xo, co, so) =
+            (contiguous(xl, "qkv/rope")?, contiguous(cl, "qkv/rope cos")?, contiguous(sl, "qkv/rope sin")?);
+        let dev = x.device().clone();
+        let name = format!("qkv_rope_{}", suffix(x.dtype())?);
+        let n = b * t * (self.nh + 2 * self.kvh) * self.d;
+        let out = match x.dtype() {
+            DType::BF16 => CudaStorage::wrap_cuda_slice(
+                self.run(
+                    (x.as_cuda_slice::<bf16>()?, xo),
+                    (c.as_cuda_slice::<bf16>()?, co),
+                    (s.as_cuda_slice::<bf16>()?, so),
+                    &dev,
+                    (b, t),
+                    &name,
+                )?,
+                dev.clone(),
+            ),
+            DType::F16 => CudaStorage::wrap_cuda_slice(
+                self.run(
+                    (x.as_cuda_slice::<f16>()?, xo),
+                    (c.as_cuda_slice::<f16>()?, co),
+                    (s.as_cuda_slice::<f16>()?, so),
+                    &dev,
+                    (b, t),
+                    &name,
+                )?,
+                dev.clone(),
+            ),
+            _ => CudaStorage::wrap_cuda_slice(
+                self.run(
+                    (x.as_cuda_slice::<f32>()?, xo),
+                    (c.as_cuda_slice::<f32>()?, co),
+                    (s.as_cuda_slice::<f32>()?, so),
+                    &dev,
+                    (b, t),
+                    &name,
+                )?,
+                dev.clone(),
+            ),
+        };
+        Ok((out, Shape::from(n)))
+    }
+}
+
+/// log p(target) per row of logits [N, V] (model dtype) with targets [N] u32 → [N] f32.
+pub fn target_logprobs(logits: &Tensor, targets: &Tensor) -> candle_core::Result<Tensor> {
+    logits.apply_op2_no_bwd(targets, &TargetLogprob)
+}
+
+struct TargetLogprob;
+
+impl TargetLogprob {
+    fn run<T: DeviceRepr>(
+        &self,
+        x: (&CudaSlice<T>, (usize, usize)),
+        tgt: CudaView<u32>,
+        dev: &CudaDevice,
+        (n, v): (usize, usize),
+        name: &str,
+    ) -> candle_core::Result<CudaSlice<f32>> {
+        // SAFETY: every element is written by the kernel.
+        let out = unsafe { dev.alloc::<f32>(n)? };
+        let x = x.0.slice(x.1 .0..x.1 .1);
+        let func = dev.get_or_load_custom_func(name, MODULE, PTX)?;
+        let cfg = LaunchConfig { grid_dim: (n as u32, 1, 1), block_dim: (512, 1, 1), shared_mem_bytes: 0 };
+        let mut bld = func.builder();
+        let v = v as i32;
+        bld.arg(&x);
+        bld.arg(&tgt);
+        bld.arg(&out);
+        bld.arg(&v);
+        // SAFETY: argument types match the kernel's signature; one block per row.
+        unsafe { bld.launch(cfg) }.w()?;
+        Ok(out)
+    }
+}
+
+impl candle_core::CustomOp2 for TargetLogprob {
+    fn name(&self) -> &'static str {
+        "fused-target-logprob"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        candle_core::bail!("the fused target log-prob kernel runs on CUDA only")
+    }
+
+    fn cuda_fwd(
+        &self,
+        x: &CudaStorage,
+        xl: &Layout,
+        t: &CudaStorage,
+        tl: &Layout,
+    ) -> candle_core::Result<(CudaStorage, Shape)> {
+        let (n, v) = xl.shape().dims2()?;
+        let xo = contiguous(xl, "target log-prob")?;
+        let (ts, te) = contiguous(tl, "target log-prob targets")?;
+        if te - ts != n {
+            candle_core::bail!("target log-prob: {} targets for {n} rows", te - ts);
+        }
+        let dev = x.device().clone();
+        let tgt = t.as_cuda_slice::<u32>()?.slice(ts..te);
+        let name = format!("target_logprob_{}", suffix(x.dtype())?);
+        let out = match x.dtype() {
+            DType::BF16 => self.run((x.as_cuda_slice::<bf16>()?, xo), tgt, &dev, (n, v), &name)?,
+            DType::F16 => self.run((x.as_cuda_slice::<f16>()?, xo), tgt, &dev, (n, v), &name)?,
+            _ => self.run((x.as_cuda_slice::<f32>()?, xo), tgt, &dev, (n, v), &name)?,
+        };
+        Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from(n)))
     }
 }

@@ -345,12 +345,33 @@ impl Glm {
     }
 
     fn logits_at_inner(&self, hidden: &Tensor, at: &[u32]) -> Result<Tensor> {
+        Ok(self.logits_model_dtype(hidden, at)?.to_dtype(DType::F32)?)
+    }
+
+    fn logits_model_dtype(&self, hidden: &Tensor, at: &[u32]) -> Result<Tensor> {
         let h = hidden.dim(D::Minus1)?;
         let flat = hidden.reshape(((), h))?;
         let idx = Tensor::from_slice(at, at.len(), &self.device)?;
         let rows = flat.index_select(&idx, 0)?;
         let rows = self.rms_norm(&rows, &self.final_norm, self.cfg.rms_eps as f32)?;
-        Ok(rows.matmul(&self.lm_head.t()?)?.to_dtype(DType::F32)?)
+        Ok(rows.matmul(&self.lm_head.t()?)?)
+    }
+
+    /// log p(targets[i]) at flat positions `at[i]` of hidden [B, T, H] → [N] f32: log-softmax
+    /// (in f32) of the logits there, read at the target.
+    pub fn target_log_probs(&self, hidden: &Tensor, at: &[u32], targets: &[u32]) -> Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        if self.fused() {
+            // One pass over the logits in the model dtype instead of an f32 copy and a log-softmax.
+            let logits = profile::section("logits", &self.device, || self.logits_model_dtype(hidden, at))?;
+            return profile::section("log_softmax", &self.device, || {
+                let t = Tensor::from_slice(targets, targets.len(), &self.device)?;
+                Ok(super::cuda_ops::target_logprobs(&logits, &t)?)
+            });
+        }
+        let lp = self.log_probs_at(hidden, at)?;
+        let idx = Tensor::from_slice(targets, (targets.len(), 1), &self.device)?;
+        Ok(lp.gather(&idx, 1)?.flatten_all()?)
     }
 
     fn layer(&self, l: &Layer, x: &Tensor, ctx: &Step, kv: Option<(&mut Cache, usize)>) -> Result<Tensor> {
@@ -386,38 +407,47 @@ impl Glm {
         let (nh, kvh, d) = (c.num_heads, c.num_kv_heads, c.head_dim);
         let qkv = l.qkv.forward(x, sel)?; // [B, T, (nh + 2·kvh)·D]
         let dev = &self.device;
-        let out = profile::section("attention", dev, || {
+        // Sub-sections so the profile shows where attention time goes.
+        let (q, k, v) = profile::section("attention: heads + rope", dev, || {
+            #[cfg(feature = "cuda")]
+            if self.fused() {
+                return Ok(super::cuda_ops::qkv_rope(&qkv, cos, sin, (nh, kvh, d), c.rotary_dim)?);
+            }
             let heads = |start: usize, n: usize| -> Result<Tensor> {
                 Ok(qkv.narrow(D::Minus1, start * d, n * d)?.reshape((b, t, n, d))?.transpose(1, 2)?.contiguous()?)
             };
             let q = self.apply_rope(&heads(0, nh)?, cos, sin)?; // [B, nh, T, D]
             let k = self.apply_rope(&heads(nh, kvh)?, cos, sin)?; // [B, kvh, T, D]
-            let v = heads(nh + kvh, kvh)?;
-            let (k, v) = match kv {
-                Some((cache, i)) => cache.append(i, &k, &v)?,
-                None => (k, v),
-            };
-            let s = k.dim(2)?;
-            // Grouped-query attention without copying K/V: heads j·g..(j+1)·g share kv head j.
-            let g = nh / kvh;
-            let q = q.reshape((b, kvh, g * t, d))?;
-            let scores = q.matmul(&k.t()?)?; // [B, kvh, g·T, S]
-            let scale = 1.0 / (d as f64).sqrt();
-            let probs = match (&ctx.mask, &ctx.pads) {
-                // As transformers' eager attention: scores, scale and mask in the model dtype,
-                // softmax accumulated in f32 (candle's bf16/f16 softmax kernel accumulates in f32).
-                (Some(mask), _) => {
-                    let scores = (scores.reshape((b, nh, t, s))? * scale)?.broadcast_add(mask)?;
-                    self.softmax(&scores)?
-                }
-                // The same arithmetic in one in-place pass, the mask computed from the paddings.
-                (None, Some(pads)) => {
-                    self.masked_softmax_(&scores.reshape((b, nh, t, s))?, pads, s - t, scale)?;
-                    scores
-                }
-                (None, None) => bail!("attention without a mask"),
-            };
-            let out = probs.reshape((b, kvh, g * t, s))?.matmul(&v)?; // [B, kvh, g·T, D]
+            Ok((q, k, heads(nh + kvh, kvh)?))
+        })?;
+        let (k, v) = match kv {
+            Some((cache, i)) => profile::section("attention: kv cache", dev, || cache.append(i, &k, &v))?,
+            None => (k, v),
+        };
+        let s = k.dim(2)?;
+        // Grouped-query attention without copying K/V: heads j·g..(j+1)·g share kv head j.
+        let g = nh / kvh;
+        let q = q.reshape((b, kvh, g * t, d))?;
+        let scores = profile::section("attention: q·kᵀ", dev, || Ok(q.matmul(&k.t()?)?))?; // [B, kvh, g·T, S]
+        let scale = 1.0 / (d as f64).sqrt();
+        let probs = profile::section("attention: softmax", dev, || match (&ctx.mask, &ctx.pads) {
+            // As transformers' eager attention: scores, scale and mask in the model dtype,
+            // softmax accumulated in f32 (candle's bf16/f16 softmax kernel accumulates in f32).
+            (Some(mask), _) => {
+                let scores = (scores.reshape((b, nh, t, s))? * scale)?.broadcast_add(mask)?;
+                self.softmax(&scores)
+            }
+            // The same arithmetic in one in-place pass, the mask computed from the paddings.
+            (None, Some(pads)) => {
+                self.masked_softmax_(&scores.reshape((b, nh, t, s))?, pads, s - t, scale)?;
+                Ok(scores.clone())
+            }
+            (None, None) => bail!("attention without a mask"),
+        })?;
+        let out = profile::section("attention: p·v", dev, || {
+            Ok(probs.reshape((b, kvh, g * t, s))?.matmul(&v)?) // [B, kvh, g·T, D]
+        })?;
+        let out = profile::section("attention: merge heads", dev, || {
             Ok(out.reshape((b, nh, t, d))?.transpose(1, 2)?.reshape((b, t, nh * d))?)
         })?;
         l.o.forward(&out, sel)

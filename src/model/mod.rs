@@ -6,6 +6,8 @@ mod cuda_ops;
 pub mod glm;
 pub mod lora;
 pub mod profile;
+#[cfg(feature = "cuda")]
+mod upload;
 pub mod weights;
 
 use std::path::Path;

@@ -10,7 +10,19 @@ use anyhow::Result;
 use candle_core::Device;
 
 static ENABLED: AtomicU8 = AtomicU8::new(2); // 2 = not read yet
-static TOTALS: Mutex<BTreeMap<&'static str, (f64, u64)>> = Mutex::new(BTreeMap::new());
+/// (phase, section) → (seconds, calls)
+type Totals = BTreeMap<(&'static str, &'static str), (f64, u64)>;
+static TOTALS: Mutex<Totals> = Mutex::new(BTreeMap::new());
+static PHASE: Mutex<&'static str> = Mutex::new("");
+
+/// Names the phase that following sections count under (e.g. scoring vs decoding).
+pub fn phase(name: &'static str) {
+    if enabled() {
+        if let Ok(mut p) = PHASE.lock() {
+            *p = name;
+        }
+    }
+}
 
 pub fn enabled() -> bool {
     match ENABLED.load(Ordering::Relaxed) {
@@ -33,8 +45,9 @@ pub fn section<T>(name: &'static str, device: &Device, f: impl FnOnce() -> Resul
     let r = f()?;
     device.synchronize()?;
     let dt = t.elapsed().as_secs_f64();
+    let phase = PHASE.lock().map(|p| *p).unwrap_or("");
     if let Ok(mut m) = TOTALS.lock() {
-        let e = m.entry(name).or_insert((0.0, 0));
+        let e = m.entry((phase, name)).or_insert((0.0, 0));
         e.0 += dt;
         e.1 += 1;
     }
@@ -49,8 +62,9 @@ pub fn report() -> Option<String> {
     let m = TOTALS.lock().ok()?;
     let total: f64 = m.values().map(|v| v.0).sum();
     let mut s = format!("profile (device time, synchronised per section; total {total:.2}s)\n");
-    for (k, (t, n)) in m.iter() {
-        s.push_str(&format!("  {k:<14} {t:>8.3}s {:>5.1}% {n:>8} calls\n", 100.0 * t / total.max(1e-9)));
+    for ((phase, k), (t, n)) in m.iter() {
+        let k = format!("{phase} {k}");
+        s.push_str(&format!("  {k:<30} {t:>8.3}s {:>5.1}% {n:>8} calls\n", 100.0 * t / total.max(1e-9)));
     }
     Some(s)
 }

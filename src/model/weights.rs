@@ -238,6 +238,15 @@ impl Weights {
             )
         })?;
         let bytes = &self.maps[e.file][e.start..e.end];
+        #[cfg(feature = "cuda")]
+        if let Device::Cuda(d) = device {
+            let up = super::upload::upload(bytes, e.dtype, &e.shape, d).map_err(|err| {
+                anyhow!("{}: tensor {name} ({:?} {:?}): {err:#}", self.files[e.file].display(), e.dtype, e.shape)
+            })?;
+            if let Some(t) = up {
+                return Ok(t.to_dtype(dtype)?);
+            }
+        }
         let t = Tensor::from_raw_buffer(bytes, e.dtype, &e.shape, device).map_err(|err| {
             anyhow!(
                 "{}: tensor {name} ({:?} {:?}) does not fit its {} bytes: {err}",

@@ -6,6 +6,7 @@ use candle_core::{Device, Tensor};
 
 use crate::model::glm::{Cache, Glm};
 use crate::model::lora::RowSelection;
+use crate::model::profile;
 use crate::tokenizer::recipe::IGNORE;
 
 /// A variant is a row selection: `None` = base, `Some(k)` = adapter k attached to the model.
@@ -33,6 +34,41 @@ impl Default for BatchLimits {
     }
 }
 
+impl BatchLimits {
+    /// Half of every limit (at least 1): what to retry with after running out of device memory.
+    /// `None` when every limit is already at its minimum.
+    pub fn halved(self) -> Option<Self> {
+        let h = |x: usize| (x / 2).max(1);
+        let next = BatchLimits {
+            max_rows: h(self.max_rows),
+            max_tokens: h(self.max_tokens),
+            max_logit_rows: h(self.max_logit_rows),
+            max_cache_tokens: h(self.max_cache_tokens),
+        };
+        let same = next.max_rows == self.max_rows
+            && next.max_tokens == self.max_tokens
+            && next.max_logit_rows == self.max_logit_rows
+            && next.max_cache_tokens == self.max_cache_tokens;
+        (!same).then_some(next)
+    }
+}
+
+impl std::fmt::Display for BatchLimits {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} rows, {} tokens per pass, {} logit rows, {} cached positions",
+            self.max_rows, self.max_tokens, self.max_logit_rows, self.max_cache_tokens
+        )
+    }
+}
+
+/// Whether an error is the device running out of memory (worth retrying with smaller batches).
+pub fn is_out_of_memory(e: &anyhow::Error) -> bool {
+    let m = format!("{e:#}");
+    m.contains("OUT_OF_MEMORY") || m.contains("out of memory")
+}
+
 /// Generation settings.
 #[derive(Debug, Clone, Copy)]
 pub struct GenOptions {
@@ -51,7 +87,8 @@ impl Default for GenOptions {
 /// is `max head + max tail` wide (plain left or right padding when every head or tail is 0).
 fn plan(lengths: &[(usize, usize)], per_item: usize, lim: BatchLimits) -> Vec<Vec<usize>> {
     let mut order: Vec<usize> = (0..lengths.len()).collect();
-    order.sort_by_key(|&i| (lengths[i].0 + lengths[i].1, i));
+    // Longest first: the batch that needs the most memory runs first, so an out-of-memory retry wastes little.
+    order.sort_by_key(|&i| (std::cmp::Reverse(lengths[i].0 + lengths[i].1), i));
     let mut out: Vec<Vec<usize>> = Vec::new();
     let mut cur: Vec<usize> = Vec::new();
     let (mut head, mut tail) = (0, 0);
@@ -79,6 +116,11 @@ fn plan(lengths: &[(usize, usize)], per_item: usize, lim: BatchLimits) -> Vec<Ve
 fn lay_out(rows: &[(&[u32], &[u32])], pad_id: u32, device: &Device) -> Result<(Tensor, Vec<usize>, usize)> {
     let head = rows.iter().map(|r| r.0.len()).max().unwrap_or(0);
     let tail = rows.iter().map(|r| r.1.len()).max().unwrap_or(0);
+    // On GPUs the width is padded (on the left) to a multiple of 8: cuBLAS's fast tensor-core
+    // kernels need 16-byte aligned rows, and the attention GEMMs have the width as a leading
+    // dimension (10× slower at a width of 1010 than at 1016 on an H200).
+    let align = if device.is_cuda() { 8 } else { 1 };
+    let head = head + (align - (head + tail) % align) % align;
     let w = head + tail;
     let mut ids = Vec::with_capacity(rows.len() * w);
     let mut pads = Vec::with_capacity(rows.len());
@@ -117,6 +159,16 @@ pub fn score_targets(
     Ok(out)
 }
 
+/// Tests of the out-of-memory retry run on CPU: GLM4_VERIFY_SIMULATE_OOM_TOKENS=N makes a pass over
+/// more than N tokens fail as a CUDA allocation would.
+fn simulated_oom(tokens: usize) -> Result<()> {
+    let limit = std::env::var("GLM4_VERIFY_SIMULATE_OOM_TOKENS").ok().and_then(|v| v.parse::<usize>().ok());
+    if limit.is_some_and(|n| tokens > n) {
+        bail!("DriverError(CUDA_ERROR_OUT_OF_MEMORY, \"out of memory\") (simulated for a pass over {tokens} tokens)");
+    }
+    Ok(())
+}
+
 /// What a scoring batch leaves for generation: its rows' KV caches over their prompts.
 struct Pending {
     cache: Cache,
@@ -142,6 +194,7 @@ fn score_batch(
     out: &mut [Vec<Vec<f32>>],
 ) -> Result<Option<Pending>> {
     crate::stop::check()?;
+    profile::phase("score");
     let mut rows: Vec<(&[u32], &[u32])> = Vec::new();
     let mut sel = Vec::new();
     let mut which = Vec::new();
@@ -156,6 +209,7 @@ fn score_batch(
     let pad_id = model.cfg.pad_id.unwrap_or(0);
     let (ids, pads, head) = lay_out(&rows, pad_id, model.device())?;
     let t = ids.dims()[1];
+    simulated_oom(rows.len() * t)?;
     let row_sel = RowSelection::new(sel.clone(), model.device(), model.dtype());
     let mut cache = keep.then(|| model.new_cache(t));
     let hidden = model.forward(&ids, &pads, &row_sel, cache.as_mut())?;
@@ -176,9 +230,7 @@ fn score_batch(
     let chunk = lim.max_logit_rows.max(1);
     let mut picked: Vec<f32> = Vec::with_capacity(at.len());
     for (at, tgt) in at.chunks(chunk).zip(tgt.chunks(chunk)) {
-        let lp = model.log_probs_at(&hidden, at)?;
-        let idx = Tensor::from_slice(tgt, (tgt.len(), 1), model.device())?;
-        picked.extend(lp.gather(&idx, 1)?.flatten_all()?.to_vec1::<f32>()?);
+        picked.extend(model.target_log_probs(&hidden, at, tgt)?.to_vec1::<f32>()?);
     }
     for (p, (vi, i)) in picked.into_iter().zip(owner) {
         out[vi][i].push(p);
@@ -316,6 +368,7 @@ fn decode(
     gen: GenOptions,
     out: &mut [Vec<Vec<u32>>],
 ) -> Result<()> {
+    profile::phase("decode");
     let eos = &model.cfg.eos_ids;
     let steps = which.iter().map(|&(_, i)| max_new[i]).max().unwrap_or(0);
     let sel = RowSelection::new(sel.to_vec(), model.device(), model.dtype());
@@ -373,6 +426,7 @@ pub fn generate(
             }
         }
         let steps = which.iter().map(|&(_, i)| max_new[i]).max().unwrap_or(0);
+        profile::phase("prefill");
         let (ids, pads, t) = lay_out(&rows, model.cfg.pad_id.unwrap_or(0), model.device())?;
         // Prefill in row chunks that fit the token budget, then stack their caches.
         let chunk = (lim.max_tokens / t.max(1)).clamp(1, rows.len());
