@@ -18,21 +18,14 @@ template <typename T> __device__ __forceinline__ float round_t(float x) { return
 // projection, rounded like transformers' `up * act_fn(gate)` (silu rounded, then the product).
 template <typename T>
 __device__ void swiglu(const T *gu, T *out, long long rows, long long m) {
-  // 2D grid (columns × rows): no 64-bit division per element.
-  for (long long r = blockIdx.y; r < rows; r += gridDim.y) {
-    const T *g = gu + r * 2 * m;
-    for (long long c = blockIdx.x * (long long)blockDim.x + threadIdx.x; c < m; c += (long long)gridDim.x * blockDim.x) {
-      float x = to_f(g[c]);
-      float s = round_t<T>(x / (1.0f + expf(-x)));
-      out[r * m + c] = from_f<T>(s * to_f(g[m + c]));
-    }
+  long long n = rows * m;
+  for (long long k = blockIdx.x * (long long)blockDim.x + threadIdx.x; k < n; k += (long long)gridDim.x * blockDim.x) {
+    long long r = k / m, c = k - r * m;
+    float g = to_f(gu[r * 2 * m + c]);
+    float s = round_t<T>(g / (1.0f + expf(-g)));
+    out[k] = from_f<T>(s * to_f(gu[r * 2 * m + m + c]));
   }
 }
-
-// Log-probability of one target per row of logits [N, V]: logits[n, tgt[n]] - logsumexp(logits[n]),
-// in f32 (as log_softmax(logits.float()) then gather). One block per row.
-template <typename T>
-__device__ void target_logprob(const T *logits, const unsigned int *tgt, float *out, int v);
 
 __device__ __forceinline__ float block_reduce(float v, bool is_max, float *shared) {
   for (int o = 16; o > 0; o >>= 1) {
@@ -111,23 +104,6 @@ __device__ void qkv_rope(const T *qkv, const T *cos, const T *sin, T *out, int b
   }
 }
 
-template <typename T>
-__device__ void target_logprob(const T *logits, const unsigned int *tgt, float *out, int v) {
-  __shared__ float shared[32];
-  long long row = blockIdx.x;
-  const T *x = logits + row * (long long)v;
-  float mx = -INFINITY;
-  for (int j = threadIdx.x; j < v; j += blockDim.x) mx = fmaxf(mx, to_f(x[j]));
-  mx = block_reduce(mx, true, shared);
-  float sum = 0.0f;
-  for (int j = threadIdx.x; j < v; j += blockDim.x) sum += expf(to_f(x[j]) - mx);
-  sum = block_reduce(sum, false, shared);
-  if (threadIdx.x == 0) {
-    unsigned int t = tgt[row];
-    out[row] = t < (unsigned int)v ? to_f(x[t]) - mx - logf(sum) : NAN;
-  }
-}
-
 #define INSTANTIATE(T, SUFFIX)                                                                              \
   extern "C" __global__ void swiglu_##SUFFIX(const T *gu, T *out, long long rows, long long m) {           \
     swiglu<T>(gu, out, rows, m);                                                                            \
@@ -139,9 +115,6 @@ __device__ void target_logprob(const T *logits, const unsigned int *tgt, float *
   extern "C" __global__ void qkv_rope_##SUFFIX(const T *qkv, const T *cos, const T *sin, T *out, int b, int t,  \
                                                int nh, int kvh, int d, int rd) {                            \
     qkv_rope<T>(qkv, cos, sin, out, b, t, nh, kvh, d, rd);                                                  \
-  }                                                                                                         \
-  extern "C" __global__ void target_logprob_##SUFFIX(const T *logits, const unsigned int *tgt, float *out, int v) { \
-    target_logprob<T>(logits, tgt, out, v);                                                                 \
   }
 
 INSTANTIATE(float, f32)

@@ -360,15 +360,6 @@ impl Glm {
     /// log p(targets[i]) at flat positions `at[i]` of hidden [B, T, H] → [N] f32: log-softmax
     /// (in f32) of the logits there, read at the target.
     pub fn target_log_probs(&self, hidden: &Tensor, at: &[u32], targets: &[u32]) -> Result<Tensor> {
-        #[cfg(feature = "cuda")]
-        if self.fused() {
-            // One pass over the logits in the model dtype instead of an f32 copy and a log-softmax.
-            let logits = profile::section("logits", &self.device, || self.logits_model_dtype(hidden, at))?;
-            return profile::section("log_softmax", &self.device, || {
-                let t = Tensor::from_slice(targets, targets.len(), &self.device)?;
-                Ok(super::cuda_ops::target_logprobs(&logits, &t)?)
-            });
-        }
         let lp = self.log_probs_at(hidden, at)?;
         let idx = Tensor::from_slice(targets, (targets.len(), 1), &self.device)?;
         Ok(lp.gather(&idx, 1)?.flatten_all()?)

@@ -190,19 +190,17 @@ impl Linear {
         let dev = x.device();
         let input = match &self.lora {
             None => x2,
-            Some(stack) => {
+            Some(stack) => super::profile::section("lora", dev, || {
                 let r = stack.rank();
-                let h = super::profile::section("lora: x·Aᵀ", dev, || {
-                    Ok(match sel.mask(stack)? {
-                        Mask::Skip => Tensor::zeros((b * t, r), x2.dtype(), dev)?,
-                        Mask::All => x2.matmul(&stack.a.t()?)?,
-                        Mask::Rows(m) => {
-                            x2.matmul(&stack.a.t()?)?.reshape((b, t, r))?.broadcast_mul(&m)?.reshape((b * t, r))?
-                        }
-                    })
-                })?;
-                super::profile::section("lora: [x | h]", dev, || Ok(Tensor::cat(&[&x2, &h], 1)?))?
-            }
+                let h = match sel.mask(stack)? {
+                    Mask::Skip => Tensor::zeros((b * t, r), x2.dtype(), dev)?,
+                    Mask::All => x2.matmul(&stack.a.t()?)?,
+                    Mask::Rows(m) => {
+                        x2.matmul(&stack.a.t()?)?.reshape((b, t, r))?.broadcast_mul(&m)?.reshape((b * t, r))?
+                    }
+                };
+                Ok(Tensor::cat(&[&x2, &h], 1)?)
+            })?,
         };
         super::profile::section("gemm", dev, || {
             let mut y = input.matmul(&self.weight.t()?)?;
