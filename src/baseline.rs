@@ -24,6 +24,12 @@ pub fn load(path: &Path, current: &Report) -> Result<Report> {
     }
     let base: Report = serde_json::from_value(v)
         .with_context(|| format!("baseline {} is not a single-adapter glm4-verify JSON report", path.display()))?;
+    if base.verdict == Verdict::Incomplete {
+        bail!(
+            "baseline {} is the report of a run that stopped early (verdict incomplete): make the baseline from a complete run",
+            path.display()
+        );
+    }
     if base.run.get("suite") != current.run.get("suite") {
         bail!(
             "baseline {} was made with suite {} and this run uses {}: compare runs of the same suite",

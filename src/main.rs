@@ -97,7 +97,8 @@ struct VerifyArgs {
     /// Write the report here (atomically) instead of stdout.
     #[arg(long, short = 'o', value_name = "FILE")]
     output: Option<PathBuf>,
-    /// Stop the whole run after this many seconds (exit 2, no verdict, no report).
+    /// Stop the whole run after this many seconds (exit 2; the samples finished by then are
+    /// reported with the verdict `incomplete`).
     #[arg(long, value_name = "SECONDS")]
     timeout: Option<u64>,
     /// Always generate --max-new-tokens tokens (ignore end tokens): for benchmarks.
@@ -179,7 +180,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     if let Some(t) = timeout {
         glm4_verify::stop::set_timeout(std::time::Duration::from_secs(t));
     }
-    // First Ctrl-C: stop at the next batch (no verdict, no half report); second: leave at once.
+    // First Ctrl-C: stop at the next batch (a partial report marked incomplete); second: leave at once.
     let _ = ctrlc::set_handler(|| {
         if glm4_verify::stop::interrupted() {
             std::process::exit(130);
@@ -192,7 +193,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let a = cli.verify;
             let opts = options(&a)?;
             let mut reports = pipeline::verify(&opts)?;
-            if let Some(b) = &a.baseline {
+            let incomplete = reports.iter().any(|r| r.verdict == report::Verdict::Incomplete);
+            if let (Some(b), false) = (&a.baseline, incomplete) {
                 if reports.len() != 1 {
                     anyhow::bail!("--baseline compares one adapter's report; {} adapters were given", reports.len());
                 }
@@ -208,6 +210,13 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             let color = a.output.is_none() && std::io::stdout().is_terminal();
             emit(&report::render(&reports, a.format, color)?, a.output.as_ref())?;
+            if incomplete {
+                // The partial report is written; the run itself could not be done.
+                eprintln!(
+                    "error: the run stopped early; the report covers the finished samples only (verdict: incomplete)"
+                );
+                return Ok(ExitCode::from(2));
+            }
             Ok(if reports.iter().all(|r| r.passed()) { ExitCode::SUCCESS } else { ExitCode::from(1) })
         }
         Some(Command::Check(a)) => {

@@ -531,6 +531,8 @@ pub fn verify(opts: &Options) -> Result<Vec<Report>> {
         score_and_generate(&base, &items, &prompts, &max_new, &variants, lim, gen_opts)
     })?;
     let (mut lp, mut gens, mut score_s, mut generate_s) = (out.scores, out.gens, out.score_s, out.generate_s);
+    // A stopped run (Ctrl-C, --timeout) reports the samples that finished, as incomplete.
+    let (base_complete, mut stopped) = (out.complete, out.stopped);
     drop(base);
     progress.finish();
 
@@ -538,6 +540,10 @@ pub fn verify(opts: &Options) -> Result<Vec<Report>> {
     let mut merged_results = Vec::new();
     for input in &inputs {
         if let AdapterInput::Merged { dir } = input {
+            if stopped.is_some() {
+                merged_results.push((vec![vec![]; items.len()], vec![vec![]; items.len()], vec![false; items.len()]));
+                continue;
+            }
             let t = Instant::now();
             let m = model::load_dir(dir, dtype, &dev)?;
             load_s += t.elapsed().as_secs_f64();
@@ -546,7 +552,14 @@ pub fn verify(opts: &Options) -> Result<Vec<Report>> {
             })?;
             score_s += out.score_s;
             generate_s += out.generate_s;
-            merged_results.push((out.scores.remove(0), out.gens.remove(0)));
+            stopped = stopped.or(out.stopped);
+            let done = out.complete.iter().zip(&base_complete).map(|(a, b)| *a && *b).collect();
+            merged_results.push((out.scores.remove(0), out.gens.remove(0), done));
+        }
+    }
+    if let Some(why) = &stopped {
+        if !base_complete.iter().any(|c| *c) {
+            return Err(crate::stop::Stopped(format!("{why}; no sample finished, so no report was written")).into());
         }
     }
 
@@ -566,7 +579,7 @@ pub fn verify(opts: &Options) -> Result<Vec<Report>> {
         bail!("the base model {} gives NaN/Inf log-probabilities ({at}); {why}", base_dir.display());
     }
     let base_gen = gens.remove(0);
-    let mut lora_iter = lp.into_iter().zip(gens);
+    let mut lora_iter = lp.into_iter().zip(gens).map(|(l, g)| (l, g, base_complete.clone()));
     let mut merged_iter = merged_results.into_iter();
     let run = json!({
         "data": files.iter().map(|f| f.display().to_string()).collect::<Vec<_>>(),
@@ -582,7 +595,7 @@ pub fn verify(opts: &Options) -> Result<Vec<Report>> {
     let decode = |ids: &[u32]| tok.decode(ids, true).unwrap_or_default();
     let mut reports = Vec::new();
     for ((mut fs, info), slot) in per_adapter.into_iter().zip(&lora_slots) {
-        let (tl, tg) = match slot {
+        let (tl, tg, done) = match slot {
             Some(_) => lora_iter.next(),
             None => merged_iter.next(),
         }
@@ -590,6 +603,7 @@ pub fn verify(opts: &Options) -> Result<Vec<Report>> {
         let measured: Vec<Measured> = prepared
             .iter()
             .enumerate()
+            .filter(|(i, _)| done[*i])
             .map(|(i, p)| {
                 let targets: Vec<u32> =
                     p.encoded.labels.iter().skip(1).filter(|&&l| l != IGNORE).map(|&l| l as u32).collect();
@@ -621,7 +635,16 @@ pub fn verify(opts: &Options) -> Result<Vec<Report>> {
         }
         let mut findings = common.clone();
         findings.append(&mut fs);
-        let (v, cause) = verdict::decide(&summary, &findings, &opts.suite.gates);
+        let (mut v, mut cause) = verdict::decide(&summary, &findings, &opts.suite.gates);
+        if let Some(why) = &stopped {
+            let n = done.iter().filter(|d| **d).count();
+            cause = format!(
+                "{why} after {n} of {} samples: the numbers cover those samples only, and there is no verdict",
+                prepared.len()
+            );
+            findings.push(Finding::error("run_incomplete", cause.clone()));
+            v = crate::report::Verdict::Incomplete;
+        }
         if matches!(v, crate::report::Verdict::NoEffect) {
             findings.push(Finding::error("behavior_no_effect", cause.clone()));
         } else if matches!(v, crate::report::Verdict::Regressed) {

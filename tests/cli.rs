@@ -311,3 +311,43 @@ fn out_of_memory_retries_with_smaller_batches_then_fails_clearly() {
     assert!(err.contains("out of memory even one row at a time") && !err.contains("panicked"), "{err}");
     assert!(out.stdout.is_empty());
 }
+
+#[test]
+fn a_stopped_run_reports_the_finished_samples_as_incomplete() {
+    // GLM4_VERIFY_STOP_AFTER_CHECKS=N acts as Ctrl-C at the (N+1)th stop check (batches, decode steps).
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("report.json");
+    let (a, b, d) = (f("adapters/good"), f("base"), f("data/train.jsonl"));
+    let base = ["--adapter", &a, "--base", &b, "--data", &d, "--device", "cpu", "--format", "json"];
+    let (_, full, _) = run(&base);
+    let full: serde_json::Value = serde_json::from_str(&full).unwrap();
+    // Small batches so that some samples finish before the stop.
+    let mut args = base.to_vec();
+    args.extend(["--batch-size", "4", "-o", out.to_str().unwrap()]);
+    let r = bin().args(&args).env("GLM4_VERIFY_STOP_AFTER_CHECKS", "30").output().unwrap();
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert_eq!(r.status.code(), Some(2), "{err}");
+    assert!(err.contains("stopped early") && !err.contains("panicked"), "{err}");
+    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
+    assert_eq!(v["verdict"], "incomplete");
+    assert!(v["cause"].as_str().unwrap().contains("interrupted"), "{}", v["cause"]);
+    assert!(codes(&v).contains(&"run_incomplete".to_string()));
+    let n = v["samples"].as_array().unwrap().len();
+    assert!(n > 0 && n < 24, "{n} samples");
+    assert_eq!(v["summary"]["samples"], n);
+    // The finished samples carry the same numbers as in a full run.
+    for s in v["samples"].as_array().unwrap() {
+        let want = full["samples"].as_array().unwrap().iter().find(|x| x["line"] == s["line"]).unwrap();
+        for k in ["logprob_base", "logprob_tuned"] {
+            let (x, y) = (s[k].as_f64().unwrap(), want[k].as_f64().unwrap());
+            assert!((x - y).abs() <= 1e-4 * y.abs(), "line {}: {k} {x} vs {y}", s["line"]);
+        }
+        assert_eq!(s["generation_tuned"], want["generation_tuned"]);
+    }
+    // An incomplete report is not accepted as a baseline.
+    let mut args = base.to_vec();
+    args.extend(["--baseline", out.to_str().unwrap()]);
+    let (code, _, err) = run(&args);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("stopped early") && err.contains("baseline"), "{err}");
+}

@@ -572,7 +572,8 @@ header.top.v-pass{border-left-color:var(--pass)}
 .badge{display:inline-block;padding:2px 10px;border-radius:12px;color:#fff;background:var(--bad);font-weight:600;
  text-transform:uppercase;font-size:13px;vertical-align:middle;margin-right:10px;white-space:nowrap}
 .badge.v-pass{background:var(--pass)}
-.badge.v-no_effect{background:var(--warn)}
+.badge.v-no_effect,.badge.v-incomplete{background:var(--warn)}
+header.top.v-incomplete{border-left-color:var(--warn)}
 table{border-collapse:collapse;margin:4px 0}
 th,td{border:1px solid var(--line);padding:4px 8px;text-align:left;vertical-align:top}
 thead th{background:var(--bg2)}

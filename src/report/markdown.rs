@@ -2,12 +2,16 @@
 
 use std::fmt::Write;
 
-use super::Report;
+use super::{Report, Verdict};
 
 pub fn render(r: &Report) -> String {
     let s = &r.summary;
     let mut o = String::new();
-    let icon = if r.passed() { "✅" } else { "❌" };
+    let icon = match r.verdict {
+        Verdict::Pass => "✅",
+        Verdict::Incomplete => "⚠️",
+        _ => "❌",
+    };
     let _ = writeln!(o, "## {icon} glm4-verify: `{}` — **{}**\n", r.adapter.path, r.verdict.as_str());
     let _ = writeln!(o, "{}\n", esc(&r.cause));
     let _ = writeln!(o, "| metric | base | tuned |\n|---|---:|---:|");

@@ -18,6 +18,8 @@ pub enum Verdict {
     NoEffect,
     Regressed,
     Fail,
+    /// Stopped (Ctrl-C, --timeout) before every sample was measured: never a pass.
+    Incomplete,
 }
 
 impl Verdict {
@@ -27,6 +29,7 @@ impl Verdict {
             Verdict::NoEffect => "no_effect",
             Verdict::Regressed => "regressed",
             Verdict::Fail => "fail",
+            Verdict::Incomplete => "incomplete",
         }
     }
 }

@@ -13,6 +13,7 @@ pub fn render(r: &Report, color: bool) -> String {
         Verdict::NoEffect => paint("1;31", "NO EFFECT"),
         Verdict::Regressed => paint("1;31", "REGRESSED"),
         Verdict::Fail => paint("1;31", "FAIL"),
+        Verdict::Incomplete => paint("1;33", "INCOMPLETE"),
     };
     let _ = writeln!(o, "{v}  {}", r.adapter.path);
     let _ = writeln!(o, "  {}", r.cause);

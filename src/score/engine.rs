@@ -242,19 +242,25 @@ fn score_batch(
     Ok(Some(Pending { cache, pads, sel, which, first }))
 }
 
-/// Scores every item and generates from every prompt, sharing the work where a prompt is a prefix
-/// of the scored sequence (the usual case: the prompt is the conversation up to the answer that is
-/// scored): the scoring pass keeps its KV cache over the prompt, and generation starts decoding
-/// from it instead of prefilling the prompt again. Results as `score_targets` and `generate`.
+/// What `score_and_generate` measured, per variant and item.
 pub struct Outputs {
     pub scores: Vec<Vec<Vec<f32>>>,
     pub gens: Vec<Vec<Vec<u32>>>,
+    /// Per item: all its numbers are in (false only for a stopped run).
+    pub complete: Vec<bool>,
+    /// Why the run stopped early (Ctrl-C, --timeout): what finished before is kept.
+    pub stopped: Option<String>,
     /// Seconds in teacher-forced passes (which include the prompts' prefill).
     pub score_s: f64,
     /// Seconds in decoding, plus the prefill of prompts that could not share the scoring pass.
     pub generate_s: f64,
 }
 
+/// Scores every item and generates from every prompt, sharing the work where a prompt is a prefix
+/// of the scored sequence (the usual case: the prompt is the conversation up to the answer that is
+/// scored): the scoring pass keeps its KV cache over the prompt, and generation starts decoding
+/// from it instead of prefilling the prompt again. Results as `score_targets` and `generate`.
+/// A stop (Ctrl-C, --timeout) ends it early with what finished (see `Outputs::complete`).
 pub fn score_and_generate(
     model: &Glm,
     items: &[(Vec<u32>, Vec<i64>)],
@@ -268,22 +274,61 @@ pub fn score_and_generate(
     if prompts.len() != n || max_new.len() != n {
         bail!("{n} items, {} prompts, {} generation lengths", prompts.len(), max_new.len());
     }
-    let mut scores = vec![vec![Vec::new(); n]; variants.len()];
-    let mut gens = vec![vec![Vec::new(); n]; variants.len()];
-    let (mut score_s, mut generate_s) = (0.0, 0.0);
+    let mut o = Outputs {
+        scores: vec![vec![Vec::new(); n]; variants.len()],
+        gens: vec![vec![Vec::new(); n]; variants.len()],
+        complete: vec![false; n],
+        stopped: None,
+        score_s: 0.0,
+        generate_s: 0.0,
+    };
+    let r = run_all(model, items, prompts, max_new, variants, lim, gen, &mut o);
+    match r {
+        Err(e) if crate::stop::is_stop(&e) => o.stopped = Some(format!("{e}")),
+        other => other?,
+    }
+    Ok(o)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run_all(
+    model: &Glm,
+    items: &[(Vec<u32>, Vec<i64>)],
+    prompts: &[Vec<u32>],
+    max_new: &[usize],
+    variants: &[Variant],
+    lim: BatchLimits,
+    gen: GenOptions,
+    o: &mut Outputs,
+) -> Result<()> {
+    let n = items.len();
     let used = used_lengths(items);
+    let needs_gen = |i: usize| max_new[i] > 0 && !prompts[i].is_empty();
     let shared: Vec<bool> = (0..n)
         .map(|i| {
             let p = &prompts[i];
-            max_new[i] > 0 && used[i] > 1 && !p.is_empty() && p.len() <= used[i] && items[i].0.starts_with(p)
+            needs_gen(i) && used[i] > 1 && p.len() <= used[i] && items[i].0.starts_with(p)
         })
         .collect();
+    for (i, c) in o.complete.iter_mut().enumerate() {
+        *c = used[i] <= 1 && !needs_gen(i); // nothing to run
+    }
 
     // Shared items: scored with their prompts right-aligned, caches kept, decoded in groups.
     let todo: Vec<usize> = (0..n).filter(|&i| shared[i]).collect();
     let lengths: Vec<(usize, usize)> = todo.iter().map(|&i| (prompts[i].len(), used[i] - prompts[i].len())).collect();
     let mut pending: Vec<Pending> = Vec::new();
     let (mut rows, mut longest, mut steps) = (0usize, 0usize, 0usize);
+    let flush = |pending: Vec<Pending>, o: &mut Outputs| -> Result<()> {
+        let t = std::time::Instant::now();
+        let done: Vec<usize> = pending.iter().flat_map(|p| p.which.iter().map(|&(_, i)| i)).collect();
+        decode_group(model, pending, max_new, gen, &mut o.gens)?;
+        o.generate_s += t.elapsed().as_secs_f64();
+        for i in done {
+            o.complete[i] = true;
+        }
+        Ok(())
+    };
     for batch in plan(&lengths, variants.len(), lim) {
         let batch: Vec<(usize, usize)> = batch.iter().map(|&b| (todo[b], prompts[todo[b]].len())).collect();
         let b_rows = batch.len() * variants.len();
@@ -291,44 +336,46 @@ pub fn score_and_generate(
         let b_steps = batch.iter().map(|&(i, _)| max_new[i]).max().unwrap_or(0);
         let grown = (rows + b_rows) * (longest.max(b_len) + steps.max(b_steps));
         if !pending.is_empty() && (rows + b_rows > lim.max_rows || grown > lim.max_cache_tokens) {
-            let t = std::time::Instant::now();
-            decode_group(model, std::mem::take(&mut pending), max_new, gen, &mut gens)?;
-            generate_s += t.elapsed().as_secs_f64();
+            flush(std::mem::take(&mut pending), o)?;
             (rows, longest, steps) = (0, 0, 0);
         }
         let t = std::time::Instant::now();
-        let p = score_batch(model, items, &used, &batch, variants, lim, true, &mut scores)?;
-        score_s += t.elapsed().as_secs_f64();
+        let p = score_batch(model, items, &used, &batch, variants, lim, true, &mut o.scores)?;
+        o.score_s += t.elapsed().as_secs_f64();
         pending.extend(p);
         (rows, longest, steps) = (rows + b_rows, longest.max(b_len), steps.max(b_steps));
     }
     if !pending.is_empty() {
-        let t = std::time::Instant::now();
-        decode_group(model, pending, max_new, gen, &mut gens)?;
-        generate_s += t.elapsed().as_secs_f64();
+        flush(pending, o)?;
     }
 
     // The rest: plain scoring, and generation with its own prefill.
-    let t = std::time::Instant::now();
     let rest: Vec<usize> = (0..n).filter(|&i| !shared[i] && used[i] > 1).collect();
     let lengths: Vec<(usize, usize)> = rest.iter().map(|&i| (0, used[i])).collect();
     for batch in plan(&lengths, variants.len(), lim) {
+        let t = std::time::Instant::now();
         let batch: Vec<(usize, usize)> = batch.iter().map(|&b| (rest[b], 0)).collect();
-        score_batch(model, items, &used, &batch, variants, lim, false, &mut scores)?;
+        score_batch(model, items, &used, &batch, variants, lim, false, &mut o.scores)?;
+        o.score_s += t.elapsed().as_secs_f64();
+        for &(i, _) in &batch {
+            o.complete[i] = !needs_gen(i);
+        }
     }
-    score_s += t.elapsed().as_secs_f64();
     let t = std::time::Instant::now();
     let capped: Vec<usize> = (0..n).map(|i| if shared[i] { 0 } else { max_new[i] }).collect();
     let g = generate(model, prompts, &capped, variants, lim, gen)?;
     for (vi, per) in g.into_iter().enumerate() {
         for (i, ids) in per.into_iter().enumerate() {
             if !shared[i] {
-                gens[vi][i] = ids;
+                o.gens[vi][i] = ids;
             }
         }
     }
-    generate_s += t.elapsed().as_secs_f64();
-    Ok(Outputs { scores, gens, score_s, generate_s })
+    for i in (0..n).filter(|&i| !shared[i] && needs_gen(i)) {
+        o.complete[i] = true;
+    }
+    o.generate_s += t.elapsed().as_secs_f64();
+    Ok(())
 }
 
 /// Stacks pending caches and decodes all their rows together.
