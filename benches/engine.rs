@@ -1,5 +1,6 @@
 //! CPU benchmarks on ../shared/fixtures/glm4-tiny: teacher-forced scoring throughput (base and
-//! tuned rows in one batch through the unmerged side path), greedy generation, and the LoRA merge.
+//! tuned rows in one batch through the unmerged side path), greedy generation, both with and without
+//! sharing the prompts' pass, and the LoRA merge.
 
 use std::path::PathBuf;
 
@@ -8,7 +9,7 @@ use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use glm4_verify::adapter::{match_to_base, Adapter};
 use glm4_verify::data::read_jsonl;
 use glm4_verify::model;
-use glm4_verify::score::engine::{generate, score_targets, BatchLimits, GenOptions};
+use glm4_verify::score::engine::{generate, score_and_generate, score_targets, BatchLimits, GenOptions};
 use glm4_verify::tokenizer::recipe::{encode, prompt_and_answer, Recipe};
 use glm4_verify::tokenizer::GlmTokenizer;
 
@@ -45,6 +46,20 @@ fn bench(c: &mut Criterion) {
         let max_new = vec![16; prompts.len()];
         let gen = GenOptions { stop_at_eos: false };
         b.iter(|| generate(&m, &prompts, &max_new, &[None, Some(0)], lim, gen).expect("generate"))
+    });
+    // The verification's real work: both, separately and sharing the prompts' pass (generation
+    // continuing from the scoring pass's KV cache), in samples.
+    g.throughput(Throughput::Elements(items.len() as u64));
+    let max_new = vec![16; prompts.len()];
+    let gen = GenOptions { stop_at_eos: false };
+    g.bench_function("score then generate, separately (samples)", |b| {
+        b.iter(|| {
+            score_targets(&m, &items, &[None, Some(0)], lim).expect("score");
+            generate(&m, &prompts, &max_new, &[None, Some(0)], lim, gen).expect("generate")
+        })
+    });
+    g.bench_function("score and generate, shared prompt pass (samples)", |b| {
+        b.iter(|| score_and_generate(&m, &items, &prompts, &max_new, &[None, Some(0)], lim, gen).expect("both"))
     });
     g.throughput(Throughput::Elements(deltas.len() as u64));
     g.bench_function("merge LoRA into weights (modules)", |b| {

@@ -101,13 +101,3 @@ pub fn memory_summary(device: &Device) -> String {
         _ => "device memory unknown".into(),
     }
 }
-
-/// Free memory of a CUDA device in bytes (None on the CPU).
-pub fn free_memory(device: &Device) -> Option<usize> {
-    #[cfg(feature = "cuda")]
-    if let Device::Cuda(_) = device {
-        return candle_core::cuda_backend::cudarc::driver::result::mem_get_info().ok().map(|(free, _)| free);
-    }
-    let _ = device;
-    None
-}

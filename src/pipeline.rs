@@ -503,7 +503,7 @@ pub fn verify(opts: &Options) -> Result<Vec<Report>> {
     let layout = base.cfg.layout.as_str().to_string();
     let mut load_s = t_load.elapsed().as_secs_f64();
 
-    let lim = limits(opts, &dev, &base.cfg, dtype)?;
+    let lim = limits(opts, &dev, &base.cfg)?;
     let gen_opts = GenOptions { stop_at_eos: !opts.ignore_eos };
     let items: Vec<(Vec<u32>, Vec<i64>)> =
         prepared.iter().map(|p| (p.encoded.input_ids.clone(), p.encoded.labels.clone())).collect();
@@ -695,7 +695,7 @@ fn with_memory_retry<T>(
 }
 
 /// Batch limits: `--batch-size` rows, or a size that fits the device.
-fn limits(opts: &Options, dev: &Device, cfg: &model::ModelConfig, dtype: DType) -> Result<BatchLimits> {
+fn limits(opts: &Options, dev: &Device, cfg: &model::ModelConfig) -> Result<BatchLimits> {
     let rows = opts.batch_size.or(opts.suite.batch_size);
     let mut lim = match dev {
         Device::Cpu => BatchLimits {
@@ -706,18 +706,16 @@ fn limits(opts: &Options, dev: &Device, cfg: &model::ModelConfig, dtype: DType) 
         },
         // Scoring passes of ~16k tokens keep the GEMMs large and the attention scores
         // ([B, heads, T, T] bf16) near 1 GB at T = 1000. Decoding is bound by a fixed cost per step
-        // (one read of the weights and ~1,400 kernel launches), so as many rows as possible decode
-        // together: their prompts' KV caches may take half of the memory left after loading.
-        _ => {
-            let per_position = cfg.num_layers * 2 * cfg.kv_out() * dtype.size_in_bytes();
-            let cache = device::free_memory(dev).map_or(1 << 16, |free| free / 2 / per_position.max(1));
-            BatchLimits {
-                max_rows: rows.unwrap_or(512),
-                max_tokens: 16384,
-                max_logit_rows: 1024,
-                max_cache_tokens: cache.max(1 << 14),
-            }
-        }
+        // (one read of the weights and ~1,400 kernel launches), so many rows decode together: up to
+        // 2^18 cached positions (10.7 GB on GLM-4-9B, 40 KB each). A fixed budget, not one read from
+        // the free memory, so that the same inputs give the same batches (and bits) on every run;
+        // where it does not fit, the out-of-memory retry halves it.
+        _ => BatchLimits {
+            max_rows: rows.unwrap_or(512),
+            max_tokens: 16384,
+            max_logit_rows: 1024,
+            max_cache_tokens: 1 << 18,
+        },
     };
     // Tuning knob for memory/speed trade-offs (benchmarks): GLM4_VERIFY_LIMITS="tokens=8192,cache=32768,logits=256".
     if let Ok(spec) = std::env::var("GLM4_VERIFY_LIMITS") {
