@@ -559,7 +559,10 @@ pub fn verify(opts: &Options) -> Result<Vec<Report>> {
     }
     if let Some(why) = &stopped {
         if !base_complete.iter().any(|c| *c) {
-            return Err(crate::stop::Stopped(format!("{why}; no sample finished, so no report was written")).into());
+            return Err(crate::stop::Stopped(format!(
+                "{why}: the run is incomplete and no sample finished, so no report was written"
+            ))
+            .into());
         }
     }
 
@@ -639,7 +642,7 @@ pub fn verify(opts: &Options) -> Result<Vec<Report>> {
         if let Some(why) = &stopped {
             let n = done.iter().filter(|d| **d).count();
             cause = format!(
-                "{why} after {n} of {} samples: the numbers cover those samples only, and there is no verdict",
+                "{why}: the run stopped after {n} of {} samples; the numbers cover those only, and there is no verdict",
                 prepared.len()
             );
             findings.push(Finding::error("run_incomplete", cause.clone()));

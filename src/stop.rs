@@ -53,12 +53,12 @@ pub fn check() -> Result<()> {
         interrupt();
     }
     if interrupted() {
-        return Err(Stopped("interrupted (Ctrl-C): the run is incomplete".into()).into());
+        return Err(Stopped("interrupted (Ctrl-C)".into()).into());
     }
     if let Some((deadline, limit)) = DEADLINE.get() {
         if Instant::now() > *deadline {
             return Err(Stopped(format!(
-                "--timeout of {}s reached: the run is incomplete; raise --timeout or use --samples N",
+                "--timeout of {}s reached (raise it, or measure fewer rows with --samples N)",
                 limit.as_secs()
             ))
             .into());
