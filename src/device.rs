@@ -78,6 +78,33 @@ pub fn dtype(arg: &str, device: &DeviceInfo) -> Result<DType> {
     })
 }
 
+/// `--dtype auto` on the CPU: f32, unless the weights in f32 (`f32_bytes`) would take more than 80%
+/// of the available memory; then the checkpoint's own 16-bit dtype, so that the model needs no more
+/// memory than its files (a 9B bf16 checkpoint is 18.8 GB, 37.6 GB in f32). Returns why when not f32.
+pub fn cpu_auto_dtype(checkpoint: DType, f32_bytes: usize, available: Option<usize>) -> (DType, Option<String>) {
+    let gb = |b: usize| b as f64 / 1e9;
+    match (checkpoint, available) {
+        (DType::BF16 | DType::F16, Some(avail)) if f32_bytes as f64 > 0.8 * avail as f64 => (
+            checkpoint,
+            Some(format!(
+                "the weights need {:.1} GB in f32 and {:.1} GB of memory are available: running in {} (the checkpoint's dtype), which needs half; pass --dtype f32 to force f32",
+                gb(f32_bytes),
+                gb(avail),
+                dtype_name(checkpoint)
+            )),
+        ),
+        _ => (DType::F32, None),
+    }
+}
+
+/// MemAvailable from /proc/meminfo (Linux), in bytes.
+pub fn available_memory() -> Option<usize> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kb: usize = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
 pub fn dtype_name(d: DType) -> &'static str {
     match d {
         DType::F32 => "f32",
@@ -99,5 +126,23 @@ pub fn memory_summary(device: &Device) -> String {
     match device {
         Device::Cpu => "on the CPU".into(),
         _ => "device memory unknown".into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cpu_auto_dtype_keeps_a_big_bf16_checkpoint_in_bf16() {
+        // 9.4 B parameters: 37.7 GB in f32.
+        let f32_bytes = 9_400_000_000 * 4;
+        let (d, why) = cpu_auto_dtype(DType::BF16, f32_bytes, Some(32_000_000_000));
+        assert_eq!(d, DType::BF16);
+        assert!(why.unwrap().contains("37.6 GB in f32"));
+        assert_eq!(cpu_auto_dtype(DType::BF16, f32_bytes, Some(128_000_000_000)), (DType::F32, None));
+        // An f32 checkpoint, or unknown memory: f32.
+        assert_eq!(cpu_auto_dtype(DType::F32, f32_bytes, Some(1_000_000_000)).0, DType::F32);
+        assert_eq!(cpu_auto_dtype(DType::BF16, f32_bytes, None).0, DType::F32);
     }
 }

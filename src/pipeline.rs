@@ -394,7 +394,16 @@ pub fn verify(opts: &Options) -> Result<Vec<Report>> {
     let base_dir = resolve_base(opts.base.as_deref(), first_lora.as_deref().or(Some(inputs[0].dir())))?;
     let dev = device::select(&opts.device)?;
     let dinfo = device::info(&dev);
-    let dtype = device::dtype(&opts.dtype, &dinfo)?;
+    let mut dtype = device::dtype(&opts.dtype, &dinfo)?;
+    let mut cpu_dtype_note = None;
+    let base_weights = model::weights::Weights::open_dir(&base_dir)?;
+    if opts.dtype == "auto" && matches!(dev, Device::Cpu) {
+        let w = &base_weights;
+        if let Some(ckpt) = w.main_dtype() {
+            let f32_bytes = w.total_bytes() / ckpt.size_in_bytes() * 4;
+            (dtype, cpu_dtype_note) = device::cpu_auto_dtype(ckpt, f32_bytes, device::available_memory());
+        }
+    }
     let base_cfg = model::ModelConfig::from_dir(&base_dir)?;
     // An adapter saved with its tokenizer may stand in for the base's; otherwise the base's error stands.
     let has_tokenizer = |d: &Path| d.join("tokenizer.json").is_file() || d.join("tokenizer.model").is_file();
@@ -440,12 +449,16 @@ pub fn verify(opts: &Options) -> Result<Vec<Report>> {
         other => (other.0, other.1),
     };
     common.extend(checks::hardware::check_precision(&dinfo, device::dtype_name(dtype), tb, tf));
+    if let Some(why) = cpu_dtype_note {
+        common.push(Finding::info("hardware_cpu_dtype", why));
+    }
 
     crate::model::profile::phase("load");
     let progress = Progress::new(opts.progress);
     progress.stage(format!("loading {}", base_dir.display()));
     let t_load = Instant::now();
-    let mut base = section("weights", &dev, || model::load_dir(&base_dir, dtype, &dev))?;
+    let mut base = section("weights", &dev, || model::load_from(&base_dir, &base_weights, dtype, &dev))?;
+    drop(base_weights);
     // LoRA adapters ride the side path of the one base; merged models are separate models.
     let mut lora_slots: Vec<Option<usize>> = Vec::new();
     let mut per_adapter: Vec<(Vec<Finding>, AdapterInfo)> = Vec::new();

@@ -27,11 +27,15 @@ pub fn loads() -> usize {
 
 /// Loads a model directory (config.json + safetensors) in `dtype` on `device`.
 pub fn load_dir(dir: &Path, dtype: DType, device: &Device) -> Result<Glm> {
+    load_from(dir, &weights::Weights::open_dir(dir)?, dtype, device)
+}
+
+/// As `load_dir`, with the directory's weights already opened.
+pub fn load_from(dir: &Path, weights: &weights::Weights, dtype: DType, device: &Device) -> Result<Glm> {
     LOADS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let mut cfg = ModelConfig::from_dir(dir)?;
     add_generation_eos(dir, &mut cfg);
-    let weights = weights::Weights::open_dir(dir)?;
-    Glm::load(cfg, &weights, dtype, device).with_context(|| format!("cannot load the model in {}", dir.display()))
+    Glm::load(cfg, weights, dtype, device).with_context(|| format!("cannot load the model in {}", dir.display()))
 }
 
 /// generation_config.json may list more end tokens than config.json (glm-4-9b-chat does).

@@ -220,6 +220,15 @@ impl Weights {
         self.entries.get(name).map(|e| e.dtype)
     }
 
+    /// The dtype holding most of the bytes (the checkpoint's precision).
+    pub fn main_dtype(&self) -> Option<DType> {
+        let mut by: HashMap<DType, usize> = HashMap::new();
+        for e in self.entries.values() {
+            *by.entry(e.dtype).or_default() += e.end - e.start;
+        }
+        by.into_iter().max_by_key(|(_, n)| *n).map(|(d, _)| d)
+    }
+
     /// Total bytes of tensor data (for load-speed reporting).
     pub fn total_bytes(&self) -> usize {
         self.entries.values().map(|e| e.end - e.start).sum()
