@@ -3,7 +3,7 @@
 
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg};
-use candle_core::cuda_backend::WrapErr;
+use candle_core::cuda_backend::{CudaDType, WrapErr};
 use candle_core::{
     CpuStorage, CudaDevice, CudaStorage, CustomOp1, CustomOp3, DType, InplaceOp2, Layout, Shape, Tensor,
 };
@@ -230,6 +230,29 @@ impl QkvRope {
     }
 }
 
+/// The three inputs of `QkvRope` with their contiguous offsets.
+type Inputs<'a> = (&'a CudaStorage, (usize, usize), &'a CudaStorage, (usize, usize), &'a CudaStorage, (usize, usize));
+
+impl QkvRope {
+    fn typed<T: CudaDType + DeviceRepr>(
+        &self,
+        (x, xo, c, co, s, so): Inputs,
+        dev: &CudaDevice,
+        bt: (usize, usize),
+        name: &str,
+    ) -> candle_core::Result<CudaStorage> {
+        let out = self.run(
+            (x.as_cuda_slice::<T>()?, xo),
+            (c.as_cuda_slice::<T>()?, co),
+            (s.as_cuda_slice::<T>()?, so),
+            dev,
+            bt,
+            name,
+        )?;
+        Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
+    }
+}
+
 impl CustomOp3 for QkvRope {
     fn name(&self) -> &'static str {
         "fused-qkv-rope"
@@ -278,40 +301,11 @@ impl CustomOp3 for QkvRope {
         let dev = x.device().clone();
         let name = format!("qkv_rope_{}", suffix(x.dtype())?);
         let n = b * t * (self.nh + 2 * self.kvh) * self.d;
+        let args = (x, xo, c, co, s, so);
         let out = match x.dtype() {
-            DType::BF16 => CudaStorage::wrap_cuda_slice(
-                self.run(
-                    (x.as_cuda_slice::<bf16>()?, xo),
-                    (c.as_cuda_slice::<bf16>()?, co),
-                    (s.as_cuda_slice::<bf16>()?, so),
-                    &dev,
-                    (b, t),
-                    &name,
-                )?,
-                dev.clone(),
-            ),
-            DType::F16 => CudaStorage::wrap_cuda_slice(
-                self.run(
-                    (x.as_cuda_slice::<f16>()?, xo),
-                    (c.as_cuda_slice::<f16>()?, co),
-                    (s.as_cuda_slice::<f16>()?, so),
-                    &dev,
-                    (b, t),
-                    &name,
-                )?,
-                dev.clone(),
-            ),
-            _ => CudaStorage::wrap_cuda_slice(
-                self.run(
-                    (x.as_cuda_slice::<f32>()?, xo),
-                    (c.as_cuda_slice::<f32>()?, co),
-                    (s.as_cuda_slice::<f32>()?, so),
-                    &dev,
-                    (b, t),
-                    &name,
-                )?,
-                dev.clone(),
-            ),
+            DType::BF16 => self.typed::<bf16>(args, &dev, (b, t), &name)?,
+            DType::F16 => self.typed::<f16>(args, &dev, (b, t), &name)?,
+            _ => self.typed::<f32>(args, &dev, (b, t), &name)?,
         };
         Ok((out, Shape::from(n)))
     }
