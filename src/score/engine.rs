@@ -492,3 +492,51 @@ pub fn generate(
     }
     Ok(out)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plan_keeps_every_batch_within_its_limits_longest_first() {
+        let lengths: Vec<(usize, usize)> = (0..40).map(|i| (5 + i % 7, 10 + (i * 13) % 17)).collect();
+        let lim = BatchLimits { max_rows: 12, max_tokens: 300, max_logit_rows: 1, max_cache_tokens: 1 };
+        let batches = plan(&lengths, 2, lim);
+        let mut seen: Vec<usize> = batches.iter().flatten().copied().collect();
+        seen.sort();
+        assert_eq!(seen, (0..40).collect::<Vec<_>>(), "every item exactly once");
+        let mut last = usize::MAX;
+        for b in &batches {
+            let width = b.iter().map(|&i| lengths[i].0).max().unwrap() + b.iter().map(|&i| lengths[i].1).max().unwrap();
+            assert!(b.len() * 2 <= 12 && b.len() * 2 * width <= 300, "{b:?} is {width} wide");
+            let longest = b.iter().map(|&i| lengths[i].0 + lengths[i].1).max().unwrap();
+            assert!(longest <= last, "longest first");
+            last = longest;
+        }
+        // One item wider than the token budget still gets a batch of its own.
+        let b = plan(&[(500, 500)], 2, lim);
+        assert_eq!(b, vec![vec![0]]);
+    }
+
+    #[test]
+    fn halving_reaches_one_row_then_stops() {
+        let mut lim = BatchLimits { max_rows: 6, max_tokens: 100, max_logit_rows: 3, max_cache_tokens: 40 };
+        let mut steps = 0;
+        while let Some(next) = lim.halved() {
+            lim = next;
+            steps += 1;
+        }
+        assert_eq!((lim.max_rows, lim.max_tokens, lim.max_logit_rows, lim.max_cache_tokens), (1, 1, 1, 1));
+        assert_eq!(steps, 6); // 100, 50, 25, 12, 6, 3, 1
+    }
+
+    #[test]
+    fn lay_out_right_aligns_heads_and_pads_tails() {
+        let rows: Vec<(&[u32], &[u32])> = vec![(&[1, 2, 3], &[4]), (&[5], &[6, 7, 8])];
+        let (ids, pads, head) = lay_out(&rows, 0, &Device::Cpu).unwrap();
+        assert_eq!(head, 3);
+        assert_eq!(pads, vec![0, 2]);
+        let ids: Vec<Vec<u32>> = ids.to_vec2().unwrap();
+        assert_eq!(ids, vec![vec![1, 2, 3, 4, 0, 0], vec![0, 0, 5, 6, 7, 8]]);
+    }
+}
