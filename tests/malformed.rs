@@ -290,6 +290,18 @@ fn cases() -> Vec<Case> {
             edit_json(&shard_base(w).join("model.safetensors.index.json"), |v| v["weight_map"]["model.extra.weight"] = json!("model-00002-of-00002.safetensors"));
             w.verify(&[])
         }),
+        c("index names a shard outside the model directory", 2, &["model.safetensors.index.json", "../outside.safetensors", "not a file name inside"], |w| {
+            let base = shard_base(w);
+            fs::copy(base.join("model-00002-of-00002.safetensors"), base.join("../outside.safetensors")).unwrap();
+            edit_json(&base.join("model.safetensors.index.json"), |v| {
+                for (_, f) in v["weight_map"].as_object_mut().unwrap().iter_mut() {
+                    if f == "model-00002-of-00002.safetensors" {
+                        *f = json!("../outside.safetensors");
+                    }
+                }
+            });
+            w.verify(&[])
+        }),
         c("shard truncated", 2, &["model-00002-of-00002.safetensors", "header length", "truncated"], |w| { cut(&shard_base(w).join("model-00002-of-00002.safetensors"), 1000); w.verify(&[]) }),
         // config.json of the base.
         c("config.json missing", 2, &["base (a directory, but without config.json)"], |w| { fs::remove_file(w.base().join("config.json")).unwrap(); w.verify(&[]) }),

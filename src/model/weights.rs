@@ -111,6 +111,16 @@ impl Weights {
             shards.dedup();
             let mut files = Vec::new();
             for s in shards {
+                // Shards are files of the model directory (as every save writes them): a name with a
+                // path in it would make glm4-verify read files elsewhere.
+                let plain = Path::new(&s).file_name().is_some_and(|f| f == s.as_str()) && s != "." && s != "..";
+                if !plain {
+                    bail!(
+                        "{} names shard {s:?}, which is not a file name inside {}: shards must sit next to the index",
+                        index.display(),
+                        dir.display()
+                    );
+                }
                 let p = dir.join(&s);
                 if !p.is_file() {
                     bail!(
