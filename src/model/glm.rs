@@ -345,16 +345,12 @@ impl Glm {
     }
 
     fn logits_at_inner(&self, hidden: &Tensor, at: &[u32]) -> Result<Tensor> {
-        Ok(self.logits_model_dtype(hidden, at)?.to_dtype(DType::F32)?)
-    }
-
-    fn logits_model_dtype(&self, hidden: &Tensor, at: &[u32]) -> Result<Tensor> {
         let h = hidden.dim(D::Minus1)?;
         let flat = hidden.reshape(((), h))?;
         let idx = Tensor::from_slice(at, at.len(), &self.device)?;
         let rows = flat.index_select(&idx, 0)?;
         let rows = self.rms_norm(&rows, &self.final_norm, self.cfg.rms_eps as f32)?;
-        Ok(rows.matmul(&self.lm_head.t()?)?)
+        Ok(rows.matmul(&self.lm_head.t()?)?.to_dtype(DType::F32)?)
     }
 
     /// log p(targets[i]) at flat positions `at[i]` of hidden [B, T, H] → [N] f32: log-softmax
