@@ -5,12 +5,12 @@ mod common;
 use std::collections::BTreeMap;
 use std::fs;
 use std::hash::{Hash, Hasher};
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::SystemTime;
 
-use common::fixtures;
+use common::{copy_dir, fixtures};
 
 fn s(p: &Path) -> String {
     p.display().to_string()
@@ -32,19 +32,6 @@ fn words(line: &str) -> Vec<String> {
 
 fn f(rel: &str) -> String {
     s(&fixtures().join(rel))
-}
-
-fn copy_tree(from: &Path, to: &Path) {
-    if from.is_dir() {
-        fs::create_dir_all(to).unwrap();
-        for e in fs::read_dir(from).unwrap() {
-            let e = e.unwrap();
-            copy_tree(&e.path(), &to.join(e.file_name()));
-        }
-    } else {
-        fs::copy(from, to).unwrap();
-        fs::set_permissions(to, fs::Permissions::from_mode(0o644)).unwrap();
-    }
 }
 
 /// The JSON text with every `"timings": {...}` object cut out (they hold no nested objects).
@@ -102,11 +89,11 @@ fn snapshot(dirs: &[&Path]) -> BTreeMap<PathBuf, (u64, SystemTime)> {
 fn inputs_are_left_untouched_by_every_subcommand() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = |rel: &str| tmp.path().join(rel);
-    copy_tree(&fixtures().join("base"), &dir("base"));
-    copy_tree(&fixtures().join("adapters/good"), &dir("out/checkpoint-20"));
-    copy_tree(&fixtures().join("adapters/untrained"), &dir("out/checkpoint-10"));
-    copy_tree(&fixtures().join("data"), &dir("data"));
-    copy_tree(&fixtures().join("lora.yaml"), &dir("data/lora.yaml"));
+    copy_dir(&fixtures().join("base"), &dir("base"));
+    copy_dir(&fixtures().join("adapters/good"), &dir("out/checkpoint-20"));
+    copy_dir(&fixtures().join("adapters/untrained"), &dir("out/checkpoint-10"));
+    copy_dir(&fixtures().join("data"), &dir("data"));
+    copy_dir(&fixtures().join("lora.yaml"), &dir("data/lora.yaml"));
     let log =
         r#"{"global_step": 20, "log_history": [{"step": 10, "loss": 2.5, "grad_norm": 1.0, "learning_rate": 0.005}]}"#;
     fs::write(dir("out/checkpoint-20/trainer_state.json"), log).unwrap();

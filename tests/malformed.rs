@@ -2,9 +2,10 @@
 //! Every case runs the binary and must end with its exit code (2: the run could not be done; 1: a
 //! verdict with a named finding), say where and what in its output, and never panic.
 
+mod common;
+
 use std::collections::HashMap;
 use std::fs;
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -12,9 +13,7 @@ use base64::Engine as _;
 use candle_core::{Device, Tensor};
 use serde_json::{json, Map, Value};
 
-fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures/glm4-tiny")
-}
+use common::{copy_dir, fixtures};
 
 /// A scratch directory holding writable copies of the fixtures a case breaks.
 struct Ws(tempfile::TempDir);
@@ -37,7 +36,7 @@ impl Ws {
     fn copy(&self, rel: &str) -> PathBuf {
         let to = self.path(rel);
         if !to.exists() {
-            copy_tree(&fixtures().join(rel), &to);
+            copy_dir(&fixtures().join(rel), &to);
         }
         to
     }
@@ -97,21 +96,6 @@ impl Ws {
 
 fn s(p: &Path) -> String {
     p.display().to_string()
-}
-
-fn copy_tree(from: &Path, to: &Path) {
-    if from.is_dir() {
-        fs::create_dir_all(to).unwrap();
-        for e in fs::read_dir(from).unwrap() {
-            let e = e.unwrap();
-            copy_tree(&e.path(), &to.join(e.file_name()));
-        }
-    } else {
-        fs::create_dir_all(to.parent().unwrap()).unwrap();
-        fs::copy(from, to).unwrap();
-        // The fixtures are read-only; the copies are made to be broken.
-        fs::set_permissions(to, fs::Permissions::from_mode(0o644)).unwrap();
-    }
 }
 
 fn edit_json(p: &Path, edit: impl FnOnce(&mut Value)) {
@@ -489,8 +473,8 @@ fn cases() -> Vec<Case> {
             vec!["compare".into(), s(&w.path("no-checkpoints")), "--base".into(), s(&w.base()), "--data".into(), s(&w.data())]
         }),
         c("compare with a broken checkpoint", 2, &["checkpoint-20", "adapter_config.json"], |w| {
-            copy_tree(&fixtures().join("adapters/good"), &w.path("out/checkpoint-10"));
-            copy_tree(&fixtures().join("adapters/good"), &w.path("out/checkpoint-20"));
+            copy_dir(&fixtures().join("adapters/good"), &w.path("out/checkpoint-10"));
+            copy_dir(&fixtures().join("adapters/good"), &w.path("out/checkpoint-20"));
             fs::write(w.path("out/checkpoint-20/adapter_config.json"), "{").unwrap();
             vec!["compare".into(), s(&w.path("out")), "--base".into(), s(&w.base()), "--data".into(), s(&w.data()), "--device".into(), "cpu".into()]
         }),

@@ -35,11 +35,19 @@ pub fn f(p: &str) -> String {
     fixtures().join(p).display().to_string()
 }
 
-/// Copies the files of a directory (one level) into `to`.
+/// Copies a file, or a directory tree, to `to` (writable copies).
 pub fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for e in std::fs::read_dir(from).unwrap() {
-        let e = e.unwrap();
-        std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    if from.is_dir() {
+        std::fs::create_dir_all(to).unwrap();
+        for e in std::fs::read_dir(from).unwrap() {
+            let e = e.unwrap();
+            copy_dir(&e.path(), &to.join(e.file_name()));
+        }
+    } else {
+        std::fs::create_dir_all(to.parent().unwrap()).unwrap();
+        std::fs::copy(from, to).unwrap();
+        // The fixtures are read-only; copies are made to be changed.
+        std::fs::set_permissions(to, std::fs::Permissions::from_mode(0o644)).unwrap();
     }
 }
