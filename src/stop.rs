@@ -48,8 +48,9 @@ pub fn interrupted() -> bool {
 pub fn check() -> Result<()> {
     // Tests stop a run at a known point: GLM4_VERIFY_STOP_AFTER_CHECKS=N acts as Ctrl-C after N checks.
     let n = CHECKS.fetch_add(1, Ordering::SeqCst);
-    if std::env::var("GLM4_VERIFY_STOP_AFTER_CHECKS").ok().and_then(|v| v.parse::<usize>().ok()).is_some_and(|m| n >= m)
-    {
+    static AFTER: OnceLock<Option<usize>> = OnceLock::new();
+    let after = AFTER.get_or_init(|| std::env::var("GLM4_VERIFY_STOP_AFTER_CHECKS").ok().and_then(|v| v.parse().ok()));
+    if after.is_some_and(|m| n >= m) {
         interrupt();
     }
     if interrupted() {

@@ -481,10 +481,7 @@ impl Glm {
     /// Whether the fused CUDA kernels run (kernels/fused.cu): on CUDA devices, outside training,
     /// unless GLM4_VERIFY_UNFUSED=1 asks for candle's own ops (to compare the two).
     fn fused(&self) -> bool {
-        cfg!(feature = "cuda")
-            && self.device.is_cuda()
-            && !self.differentiable
-            && std::env::var_os("GLM4_VERIFY_UNFUSED").is_none_or(|v| v == "0")
+        cfg!(feature = "cuda") && self.device.is_cuda() && !self.differentiable && !unfused_requested()
     }
 
     /// silu(gate) · up of the fused gate/up output [.., 2m] → [.., m].
@@ -546,6 +543,12 @@ impl Glm {
         let at: Vec<u32> = (0..b).map(|i| (i * t + t - 1) as u32).collect();
         self.logits_at(hidden, &at)
     }
+}
+
+/// GLM4_VERIFY_UNFUSED=1, read once (the forward pass asks per layer).
+fn unfused_requested() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var_os("GLM4_VERIFY_UNFUSED").is_some_and(|v| v != "0"))
 }
 
 fn plain(weight: Tensor) -> Result<Linear> {
