@@ -14,16 +14,37 @@ template <> __device__ __forceinline__ __half from_f<__half>(float x) { return _
 // Rounds through T, as the unfused ops do between steps.
 template <typename T> __device__ __forceinline__ float round_t(float x) { return to_f(from_f<T>(x)); }
 
+// 16 bytes of T: one vector load or store (8 bf16/f16, 4 f32).
+template <typename T> struct alignas(16) Pack {
+  static constexpr int N = 16 / sizeof(T);
+  T v[N];
+};
+
 // out[r, c] = silu(gu[r, c]) * gu[r, m + c] for gu [rows, 2m]: the SwiGLU of a fused gate/up
 // projection, rounded like transformers' `up * act_fn(gate)` (silu rounded, then the product).
+// One block per row (no per-element division); 16-byte loads when m allows.
+template <typename T>
+__device__ __forceinline__ T swiglu_one(T g, T u) {
+  float x = to_f(g);
+  return from_f<T>(round_t<T>(x / (1.0f + expf(-x))) * to_f(u));
+}
+
 template <typename T>
 __device__ void swiglu(const T *gu, T *out, long long rows, long long m) {
-  long long n = rows * m;
-  for (long long k = blockIdx.x * (long long)blockDim.x + threadIdx.x; k < n; k += (long long)gridDim.x * blockDim.x) {
-    long long r = k / m, c = k - r * m;
-    float g = to_f(gu[r * 2 * m + c]);
-    float s = round_t<T>(g / (1.0f + expf(-g)));
-    out[k] = from_f<T>(s * to_f(gu[r * 2 * m + m + c]));
+  constexpr int V = Pack<T>::N;
+  for (long long r = blockIdx.x; r < rows; r += gridDim.x) {
+    const T *g = gu + r * 2 * m, *u = g + m;
+    T *o = out + r * m;
+    if (m % V == 0) {
+      for (long long c = threadIdx.x; c < m / V; c += blockDim.x) {
+        Pack<T> gp = reinterpret_cast<const Pack<T> *>(g)[c], up = reinterpret_cast<const Pack<T> *>(u)[c], op;
+#pragma unroll
+        for (int j = 0; j < V; j++) op.v[j] = swiglu_one(gp.v[j], up.v[j]);
+        reinterpret_cast<Pack<T> *>(o)[c] = op;
+      }
+    } else {
+      for (long long c = threadIdx.x; c < m; c += blockDim.x) o[c] = swiglu_one(g[c], u[c]);
+    }
   }
 }
 
@@ -47,25 +68,275 @@ __device__ __forceinline__ float block_reduce(float v, bool is_max, float *share
 // In place over attention scores x [B, H, T, S] (row-major, one block per row): scale, causal and
 // left-padding mask, softmax accumulated in f32. Query i of row b sees keys pad[b] <= j <= offset + i;
 // other keys get probability 0 (a query with no key, inside the padding, gets all zeros).
+// With `cached` (dynamic shared memory of S floats) the row is read once and exp taken once.
 template <typename T>
-__device__ void masked_softmax(T *x, const unsigned int *pad, int heads, int t, int s, int offset, float scale) {
+__device__ void masked_softmax(T *x, const unsigned int *pad, int heads, int t, int s, int offset, float scale,
+                               bool cached) {
   __shared__ float shared[32];
+  extern __shared__ float row_buf[];
   long long row = blockIdx.x;
   int i = (int)(row % t);
   int b = (int)(row / ((long long)t * heads));
   int lo = (int)pad[b];
   int hi = min(offset + i + 1, s);
   T *xr = x + row * (long long)s;
+  constexpr int V = Pack<T>::N;
+  if (cached && s % V == 0) {
+    // Whole rows of 16-byte packs (scoring: widths are padded to 8): vector loads and stores.
+    Pack<T> *xp = reinterpret_cast<Pack<T> *>(xr);
+    float mx = -INFINITY;
+    for (int c = lo / V + threadIdx.x; c * V < hi; c += blockDim.x) {
+      Pack<T> p = xp[c];
+#pragma unroll
+      for (int e = 0; e < V; e++) {
+        int j = c * V + e;
+        float v = round_t<T>(to_f(p.v[e]) * scale);
+        row_buf[j] = v;
+        if (j >= lo && j < hi) mx = fmaxf(mx, v);
+      }
+    }
+    mx = block_reduce(mx, true, shared);
+    float sum = 0.0f;
+    for (int c = lo / V + threadIdx.x; c * V < hi; c += blockDim.x) {
+#pragma unroll
+      for (int e = 0; e < V; e++) {
+        int j = c * V + e;
+        float ex = (j >= lo && j < hi) ? expf(row_buf[j] - mx) : 0.0f;
+        row_buf[j] = ex;
+        sum += ex;
+      }
+    }
+    sum = block_reduce(sum, false, shared);
+    float inv = hi > lo ? 1.0f / sum : 0.0f;
+    for (int c = threadIdx.x; c < s / V; c += blockDim.x) {
+      Pack<T> p;
+#pragma unroll
+      for (int e = 0; e < V; e++) {
+        int j = c * V + e;
+        p.v[e] = from_f<T>(j >= lo && j < hi ? row_buf[j] * inv : 0.0f);
+      }
+      xp[c] = p;
+    }
+    return;
+  }
   float mx = -INFINITY;
-  for (int j = lo + threadIdx.x; j < hi; j += blockDim.x) mx = fmaxf(mx, round_t<T>(to_f(xr[j]) * scale));
+  for (int j = lo + threadIdx.x; j < hi; j += blockDim.x) {
+    float v = round_t<T>(to_f(xr[j]) * scale);
+    if (cached) row_buf[j] = v;
+    mx = fmaxf(mx, v);
+  }
   mx = block_reduce(mx, true, shared);
   float sum = 0.0f;
-  for (int j = lo + threadIdx.x; j < hi; j += blockDim.x) sum += expf(round_t<T>(to_f(xr[j]) * scale) - mx);
+  for (int j = lo + threadIdx.x; j < hi; j += blockDim.x) {
+    float e = expf((cached ? row_buf[j] : round_t<T>(to_f(xr[j]) * scale)) - mx);
+    if (cached) row_buf[j] = e;
+    sum += e;
+  }
   sum = block_reduce(sum, false, shared);
   float inv = hi > lo ? 1.0f / sum : 0.0f;
   for (int j = threadIdx.x; j < s; j += blockDim.x) {
-    float p = (j >= lo && j < hi) ? expf(round_t<T>(to_f(xr[j]) * scale) - mx) * inv : 0.0f;
+    float p = 0.0f;
+    if (j >= lo && j < hi) p = (cached ? row_buf[j] : expf(round_t<T>(to_f(xr[j]) * scale) - mx)) * inv;
     xr[j] = from_f<T>(p);
+  }
+}
+
+// RMSNorm as transformers' Glm4RMSNorm: f32 statistics, normalised value rounded to T, then × weight
+// in T. With `a`: the residual add first, sum = x + a (rounded to T, written to `sum`), normalised.
+// One block per row of `cols`; 16-byte loads (the caller checks cols % Pack::N == 0).
+template <typename T>
+__device__ void add_rms_norm(const T *x, const T *a, const T *w, T *sum, T *out, int cols, float eps) {
+  __shared__ float shared[32];
+  constexpr int V = Pack<T>::N;
+  long long row = blockIdx.x;
+  const Pack<T> *xr = reinterpret_cast<const Pack<T> *>(x + row * cols);
+  const Pack<T> *ar = a ? reinterpret_cast<const Pack<T> *>(a + row * cols) : nullptr;
+  Pack<T> *sr = sum ? reinterpret_cast<Pack<T> *>(sum + row * cols) : nullptr;
+  Pack<T> *orow = reinterpret_cast<Pack<T> *>(out + row * cols);
+  const Pack<T> *wr = reinterpret_cast<const Pack<T> *>(w);
+  float ss = 0.0f;
+  for (int c = threadIdx.x; c < cols / V; c += blockDim.x) {
+    Pack<T> p = xr[c];
+    if (ar) {
+      Pack<T> q = ar[c];
+#pragma unroll
+      for (int j = 0; j < V; j++) p.v[j] = from_f<T>(to_f(p.v[j]) + to_f(q.v[j]));
+      sr[c] = p;
+    }
+#pragma unroll
+    for (int j = 0; j < V; j++) ss += to_f(p.v[j]) * to_f(p.v[j]);
+  }
+  ss = block_reduce(ss, false, shared);
+  float r = rsqrtf(ss / cols + eps);
+  for (int c = threadIdx.x; c < cols / V; c += blockDim.x) {
+    Pack<T> p = ar ? sr[c] : xr[c], q = wr[c];
+#pragma unroll
+    for (int j = 0; j < V; j++) p.v[j] = from_f<T>(to_f(q.v[j]) * round_t<T>(to_f(p.v[j]) * r));
+    orow[c] = p;
+  }
+}
+
+// The LoRA input of a linear with stacked adapters: out [N, in + R] = [x | h], h = x·Aᵀ (A [R, in],
+// scaling folded in; f32 sums rounded to T, as a GEMM) kept where mask [B, R] is 1 (row n belongs to
+// batch row n / t), 0 elsewhere. mode: 0 = every row keeps h, 1 = per mask, 2 = h = 0.
+// One block per token row: the row is copied once and its R dot products summed on the way.
+// With hd > 0, x is attention's output heads-first, [B, in / hd, t, hd], and is read as its merged
+// [N, in] form (the head merge and the copy in one pass).
+template <typename T>
+__device__ void lora_input(const T *x, const T *A, const T *mask, T *out, int in, int R, int t, int mode, int hd) {
+  __shared__ float shared[8][32];
+  long long n = blockIdx.x;
+  T *o = out + n * (long long)(in + R);
+  if (hd > 0) {
+    long long b = n / t, ti = n - b * t, nh = in / hd;
+    for (int c = threadIdx.x; c < in; c += blockDim.x) {
+      int h = c / hd;
+      o[c] = x[((b * nh + h) * t + ti) * hd + (c - h * hd)];
+    }
+    __syncthreads();
+  } else {
+    for (int c = threadIdx.x; c < in; c += blockDim.x) o[c] = x[n * in + c];
+  }
+  // The dot products read the merged row back from `o` (written by this block, L1/L2-resident).
+  const T *xr = hd > 0 ? o : x + n * in;
+  int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = (blockDim.x + 31) >> 5;
+  for (int r0 = 0; r0 < R; r0 += 8) {
+    float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    int nr = min(8, R - r0);
+    if (mode != 2) {
+      for (int c = threadIdx.x; c < in; c += blockDim.x) {
+        float v = to_f(xr[c]);
+#pragma unroll
+        for (int j = 0; j < 8; j++)
+          if (j < nr) acc[j] += v * to_f(A[(long long)(r0 + j) * in + c]);
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < 8; j++)
+      for (int off = 16; off > 0; off >>= 1) acc[j] += __shfl_xor_sync(0xffffffff, acc[j], off);
+    __syncthreads();
+    if (lane == 0)
+#pragma unroll
+      for (int j = 0; j < 8; j++) shared[j][warp] = acc[j];
+    __syncthreads();
+    if (threadIdx.x < nr) {
+      float v = 0.0f;
+      for (int k = 0; k < warps; k++) v += shared[threadIdx.x][k];
+      int r = r0 + threadIdx.x;
+      bool keep = mode == 0 || (mode == 1 && to_f(mask[(n / t) * R + r]) != 0.0f);
+      o[in + r] = from_f<T>(keep ? v : 0.0f);
+    }
+  }
+}
+
+// As lora_input, for shapes in whole 16-byte packs (in, in + R and hd multiples of Pack::N). A block
+// of 8 warps takes 32 token rows, 4 per warp; A is staged through shared memory 32 packs of columns
+// at a time, so each block reads it once (not once per row); every access is 16 bytes wide.
+template <typename T>
+__device__ void lora_input_tiled(const T *x, const T *A, const T *mask, T *out, long long n_rows, int in, int R,
+                                 int t, int mode, int hd) {
+  constexpr int V = Pack<T>::N, RW = 4, WARPS = 8;
+  __shared__ Pack<T> a_tile[8][32];
+  int nv = in / V, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  long long n0 = ((long long)blockIdx.x * WARPS + warp) * RW;
+  long long nh = hd > 0 ? in / hd : 0;
+  const T *row_src[RW];
+  Pack<T> *row_dst[RW];
+#pragma unroll
+  for (int k = 0; k < RW; k++) {
+    long long n = min(n0 + k, n_rows - 1);
+    if (hd > 0) {
+      long long b = n / t, ti = n - b * t;
+      row_src[k] = x + (b * nh * t + ti) * hd;  // head h of this token at + h * t * hd
+    } else {
+      row_src[k] = x + n * in;
+    }
+    row_dst[k] = reinterpret_cast<Pack<T> *>(out + n * (long long)(in + R));
+  }
+  bool dots = mode != 2;
+  for (int r0 = 0; r0 < R; r0 += 8) {
+    int nr = min(8, R - r0);
+    float acc[RW][8];
+#pragma unroll
+    for (int k = 0; k < RW; k++)
+#pragma unroll
+      for (int j = 0; j < 8; j++) acc[k][j] = 0.0f;
+    if (r0 == 0 || dots) {
+      for (int c0 = 0; c0 < nv; c0 += 32) {
+        if (dots) {
+          __syncthreads();  // the previous tile is used up
+          int j = threadIdx.x >> 5, pc = c0 + lane;
+          if (j < nr && pc < nv) a_tile[j][lane] = reinterpret_cast<const Pack<T> *>(A + (long long)(r0 + j) * in)[pc];
+          __syncthreads();
+        }
+        int c = c0 + lane;
+        if (c >= nv) continue;
+        long long off = (long long)c * V;
+        if (hd > 0) {
+          long long h = off / hd;
+          off = h * t * hd + (off - h * hd);
+        }
+        Pack<T> xp[RW];
+#pragma unroll
+        for (int k = 0; k < RW; k++) {
+          if (n0 + k < n_rows) {
+            xp[k] = *reinterpret_cast<const Pack<T> *>(row_src[k] + off);
+            if (r0 == 0) row_dst[k][c] = xp[k];
+          } else {
+#pragma unroll
+            for (int e = 0; e < V; e++) xp[k].v[e] = from_f<T>(0.0f);
+          }
+        }
+        if (dots)
+#pragma unroll
+          for (int j = 0; j < 8; j++) {
+            if (j >= nr) break;
+            Pack<T> a = a_tile[j][lane];
+#pragma unroll
+            for (int k = 0; k < RW; k++)
+#pragma unroll
+              for (int e = 0; e < V; e++) acc[k][j] += to_f(xp[k].v[e]) * to_f(a.v[e]);
+          }
+      }
+    }
+#pragma unroll
+    for (int k = 0; k < RW; k++)
+#pragma unroll
+      for (int j = 0; j < 8; j++) {
+        for (int o = 16; o > 0; o >>= 1) acc[k][j] += __shfl_xor_sync(0xffffffff, acc[k][j], o);
+        long long n = n0 + k;
+        if (lane == k * 8 + j && j < nr && n < n_rows) {
+          int r = r0 + j;
+          bool keep = mode == 0 || (mode == 1 && to_f(mask[(n / t) * R + r]) != 0.0f);
+          out[n * (long long)(in + R) + in + r] = from_f<T>(keep ? acc[k][j] : 0.0f);
+        }
+      }
+  }
+}
+
+// log p(target) per row of logits [N, V]: logits[n, tgt[n]] - logsumexp(logits[n]) in f32 (as
+// log_softmax(logits.float()) then gather). One block per row, an online max/sum in one read.
+template <typename T>
+__device__ void target_logprob(const T *logits, const unsigned int *tgt, float *out, int v) {
+  __shared__ float shared[32];
+  long long row = blockIdx.x;
+  const T *x = logits + row * (long long)v;
+  float mx = -INFINITY, sum = 0.0f;
+  for (int j = threadIdx.x; j < v; j += blockDim.x) {
+    float e = to_f(x[j]);
+    if (e > mx) {
+      sum = sum * expf(mx - e) + 1.0f;
+      mx = e;
+    } else {
+      sum += expf(e - mx);
+    }
+  }
+  float m_all = block_reduce(mx, true, shared);
+  sum = mx == -INFINITY ? 0.0f : sum * expf(mx - m_all);
+  sum = block_reduce(sum, false, shared);
+  if (threadIdx.x == 0) {
+    unsigned int k = tgt[row];
+    out[row] = k < (unsigned int)v ? to_f(x[k]) - m_all - logf(sum) : NAN;
   }
 }
 
@@ -109,12 +380,27 @@ __device__ void qkv_rope(const T *qkv, const T *cos, const T *sin, T *out, int b
     swiglu<T>(gu, out, rows, m);                                                                            \
   }                                                                                                         \
   extern "C" __global__ void masked_softmax_##SUFFIX(T *x, const unsigned int *pad, int heads, int t, int s, \
-                                                     int offset, float scale) {                             \
-    masked_softmax<T>(x, pad, heads, t, s, offset, scale);                                                  \
+                                                     int offset, float scale, int cached) {                 \
+    masked_softmax<T>(x, pad, heads, t, s, offset, scale, cached != 0);                                     \
   }                                                                                                         \
   extern "C" __global__ void qkv_rope_##SUFFIX(const T *qkv, const T *cos, const T *sin, T *out, int b, int t,  \
                                                int nh, int kvh, int d, int rd) {                            \
     qkv_rope<T>(qkv, cos, sin, out, b, t, nh, kvh, d, rd);                                                  \
+  }                                                                                                         \
+  extern "C" __global__ void add_rms_norm_##SUFFIX(const T *x, const T *a, const T *w, T *sum, T *out, int cols, \
+                                                   float eps) {                                             \
+    add_rms_norm<T>(x, a, w, sum, out, cols, eps);                                                          \
+  }                                                                                                         \
+  extern "C" __global__ void lora_input_##SUFFIX(const T *x, const T *A, const T *mask, T *out, int in, int R, \
+                                                 int t, int mode, int hd) {                                 \
+    lora_input<T>(x, A, mask, out, in, R, t, mode, hd);                                                     \
+  }                                                                                                         \
+  extern "C" __global__ void lora_input_tiled_##SUFFIX(const T *x, const T *A, const T *mask, T *out,            \
+                                                       long long n_rows, int in, int R, int t, int mode, int hd) { \
+    lora_input_tiled<T>(x, A, mask, out, n_rows, in, R, t, mode, hd);                                       \
+  }                                                                                                         \
+  extern "C" __global__ void target_logprob_##SUFFIX(const T *logits, const unsigned int *tgt, float *out, int v) { \
+    target_logprob<T>(logits, tgt, out, v);                                                                 \
   }
 
 INSTANTIATE(float, f32)

@@ -13,8 +13,50 @@ pub fn select(arg: &str) -> Result<Device> {
         // SAFETY: everything runs on the device's one stream, where frees and uses are ordered
         // anyway; per-tensor event tracking only adds driver calls to every kernel launch.
         unsafe { c.disable_event_tracking() };
+        pool::keep_freed_memory(c);
     }
     Ok(d)
+}
+
+/// The CUDA memory pool that candle's allocations come from (cuMemAllocAsync on the default pool).
+#[cfg(feature = "cuda")]
+pub mod pool {
+    use candle_core::cuda_backend::cudarc::driver::sys;
+    use candle_core::CudaDevice;
+
+    fn default_pool(c: &CudaDevice) -> Option<sys::CUmemoryPool> {
+        let ctx = c.cuda_stream().context().clone();
+        ctx.bind_to_thread().ok()?;
+        let mut pool = std::ptr::null_mut();
+        // SAFETY: a valid device handle and an out pointer.
+        let r = unsafe { sys::cuDeviceGetMemPool(&mut pool, ctx.cu_device()) };
+        (r == sys::CUresult::CUDA_SUCCESS && !pool.is_null()).then_some(pool)
+    }
+
+    /// By default the pool hands freed memory back to the driver at every synchronisation (each
+    /// batch's read-back, each decode step), and the next allocations map it again: keep it.
+    pub fn keep_freed_memory(c: &CudaDevice) {
+        if let Some(pool) = default_pool(c) {
+            let mut keep = u64::MAX;
+            // SAFETY: the release threshold attribute takes a u64.
+            unsafe {
+                sys::cuMemPoolSetAttribute(
+                    pool,
+                    sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+                    &mut keep as *mut u64 as *mut std::ffi::c_void,
+                )
+            };
+        }
+    }
+
+    /// Hands the pool's unused memory back (before retrying after running out of memory).
+    pub fn release_freed_memory(c: &CudaDevice) {
+        if let Some(pool) = default_pool(c) {
+            let _ = candle_core::backend::BackendDevice::synchronize(c);
+            // SAFETY: a valid pool.
+            unsafe { sys::cuMemPoolTrimTo(pool, 0) };
+        }
+    }
 }
 
 fn pick(arg: &str) -> Result<Device> {

@@ -694,6 +694,10 @@ fn with_memory_retry<T>(
         match f(lim) {
             Err(e) if is_out_of_memory(&e) => match lim.halved() {
                 Some(smaller) => {
+                    #[cfg(feature = "cuda")]
+                    if let Device::Cuda(c) = dev {
+                        device::pool::release_freed_memory(c);
+                    }
                     findings.push(Finding::info(
                         "gpu_out_of_memory_retried",
                         format!("the device ran out of memory with batches of {lim}; retried with {smaller}"),

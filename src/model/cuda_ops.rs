@@ -5,7 +5,7 @@ use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg};
 use candle_core::cuda_backend::{CudaDType, WrapErr};
 use candle_core::{
-    CpuStorage, CudaDevice, CudaStorage, CustomOp1, CustomOp3, DType, InplaceOp2, Layout, Shape, Tensor,
+    CpuStorage, CudaDevice, CudaStorage, CustomOp1, CustomOp2, CustomOp3, DType, InplaceOp2, Layout, Shape, Tensor,
 };
 use half::{bf16, f16};
 
@@ -46,9 +46,8 @@ impl SwiGlu {
         // SAFETY: every element is written by the kernel.
         let out = unsafe { dev.alloc::<T>(rows * m)? };
         let func = dev.get_or_load_custom_func(name, MODULE, PTX)?;
-        let n = (rows * m) as u32;
         let cfg = LaunchConfig {
-            grid_dim: (n.div_ceil(256).clamp(1, 65535 * 8), 1, 1),
+            grid_dim: (rows.clamp(1, 1 << 30) as u32, 1, 1),
             block_dim: (256, 1, 1),
             shared_mem_bytes: 0,
         };
@@ -125,9 +124,12 @@ impl MaskedSoftmax {
         let (b, h, t, s) = dims;
         let mut x = x.slice_mut(start..end);
         let func = dev.get_or_load_custom_func(name, MODULE, PTX)?;
-        let cfg = LaunchConfig { grid_dim: ((b * h * t) as u32, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
+        // Rows of up to 12k keys stay in shared memory (48 KB): read once, exp taken once.
+        let cached = s <= 12 * 1024;
+        let smem = if cached { (s * 4) as u32 } else { 0 };
+        let cfg = LaunchConfig { grid_dim: ((b * h * t) as u32, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: smem };
         let mut bld = func.builder();
-        let (h, t, s, off) = (h as i32, t as i32, s as i32, self.offset as i32);
+        let (h, t, s, off, cached) = (h as i32, t as i32, s as i32, self.offset as i32, cached as i32);
         bld.arg(&mut x);
         bld.arg(pad);
         bld.arg(&h);
@@ -135,6 +137,7 @@ impl MaskedSoftmax {
         bld.arg(&s);
         bld.arg(&off);
         bld.arg(&self.scale);
+        bld.arg(&cached);
         // SAFETY: argument types match the kernel's signature; one block per row of S elements.
         unsafe { bld.launch(cfg) }.w()?;
         Ok(())
@@ -308,5 +311,402 @@ impl CustomOp3 for QkvRope {
             _ => self.typed::<f32>(args, &dev, (b, t), &name)?,
         };
         Ok((out, Shape::from(n)))
+    }
+}
+
+/// Runs `$body` with `$t` the Rust type of `$dtype` (bf16, f16 or f32).
+macro_rules! by_dtype {
+    ($dtype:expr, $t:ident => $body:expr) => {
+        match $dtype {
+            DType::BF16 => {
+                type $t = bf16;
+                $body
+            }
+            DType::F16 => {
+                type $t = f16;
+                $body
+            }
+            DType::F32 => {
+                type $t = f32;
+                $body
+            }
+            d => candle_core::bail!("fused kernels take f32, bf16 or f16, not {d:?}"),
+        }
+    };
+}
+
+/// A contiguous input as a typed device view; `align` elements of alignment for 16-byte loads.
+fn view<'a, T: CudaDType>(
+    s: &'a CudaStorage,
+    l: &Layout,
+    what: &str,
+    align: usize,
+) -> candle_core::Result<CudaView<'a, T>> {
+    let (a, b) = contiguous(l, what)?;
+    if !a.is_multiple_of(align) {
+        candle_core::bail!("{what}: input offset {a} is not a multiple of {align} elements");
+    }
+    Ok(s.as_cuda_slice::<T>()?.slice(a..b))
+}
+
+/// Elements of T in 16 bytes (the kernels' vector loads).
+fn pack(dtype: DType) -> usize {
+    16 / dtype.size_in_bytes()
+}
+
+/// Whether rows of `cols` elements suit the vectorised row kernels (add_rms_norm).
+pub fn row_kernel_fits(cols: usize, dtype: DType) -> bool {
+    matches!(dtype, DType::BF16 | DType::F16 | DType::F32) && cols.is_multiple_of(pack(dtype))
+}
+
+/// RMSNorm of x [.., H] with weight [H], rounded as transformers' Glm4RMSNorm.
+pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f32) -> candle_core::Result<Tensor> {
+    x.apply_op2_no_bwd(w, &AddRmsNorm { eps })
+}
+
+/// (x + a, RMSNorm(x + a)) for x, a [.., H]: the residual add fused with the next norm.
+pub fn add_rms_norm(x: &Tensor, a: &Tensor, w: &Tensor, eps: f32) -> candle_core::Result<(Tensor, Tensor)> {
+    let flat = x.apply_op3_no_bwd(a, w, &AddRmsNorm { eps })?;
+    let n = x.elem_count();
+    Ok((flat.narrow(0, 0, n)?.reshape(x.shape())?, flat.narrow(0, n, n)?.reshape(x.shape())?))
+}
+
+struct AddRmsNorm {
+    eps: f32,
+}
+
+impl AddRmsNorm {
+    /// Checks shapes and returns (rows, cols).
+    fn dims(&self, xl: &Layout, wl: &Layout, dtype: DType) -> candle_core::Result<(usize, usize)> {
+        let cols = *xl.dims().last().unwrap_or(&0);
+        if wl.shape().elem_count() != cols || !row_kernel_fits(cols, dtype) {
+            candle_core::bail!("rms norm: weight of {:?} for rows of {cols} ({dtype:?})", wl.dims());
+        }
+        Ok((xl.shape().elem_count() / cols.max(1), cols))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn go<T: CudaDType + DeviceRepr>(
+        &self,
+        x: (&CudaStorage, &Layout),
+        a: Option<(&CudaStorage, &Layout)>,
+        w: (&CudaStorage, &Layout),
+        (rows, cols): (usize, usize),
+    ) -> candle_core::Result<CudaStorage> {
+        let dev = x.0.device().clone();
+        let v = pack(x.0.dtype());
+        let xv = view::<T>(x.0, x.1, "rms norm", v)?;
+        let wv = view::<T>(w.0, w.1, "rms norm weight", v)?;
+        let av = a.map(|(s, l)| view::<T>(s, l, "residual", v)).transpose()?;
+        let n = rows * cols;
+        let parts = if av.is_some() { 2 } else { 1 };
+        // SAFETY: every element is written by the kernel.
+        let mut out = unsafe { dev.alloc::<T>(parts * n)? };
+        let name = format!("add_rms_norm_{}", suffix(x.0.dtype())?);
+        let func = dev.get_or_load_custom_func(&name, MODULE, PTX)?;
+        let cfg = LaunchConfig { grid_dim: (rows.max(1) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        let (cols_i, null) = (cols as i32, 0u64);
+        {
+            let (mut sum, mut norm) = out.split_at_mut(if av.is_some() { n } else { 0 });
+            let mut b = func.builder();
+            b.arg(&xv);
+            match &av {
+                Some(a) => b.arg(a),
+                None => b.arg(&null),
+            };
+            b.arg(&wv);
+            if av.is_some() {
+                b.arg(&mut sum);
+            } else {
+                b.arg(&null);
+            }
+            b.arg(&mut norm);
+            b.arg(&cols_i);
+            b.arg(&self.eps);
+            // SAFETY: argument types match the kernel's signature; one block per row.
+            unsafe { b.launch(cfg) }.w()?;
+        }
+        Ok(CudaStorage::wrap_cuda_slice(out, dev))
+    }
+}
+
+impl CustomOp2 for AddRmsNorm {
+    fn name(&self) -> &'static str {
+        "fused-rms-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        candle_core::bail!("the fused rms norm kernel runs on CUDA only")
+    }
+
+    fn cuda_fwd(
+        &self,
+        x: &CudaStorage,
+        xl: &Layout,
+        w: &CudaStorage,
+        wl: &Layout,
+    ) -> candle_core::Result<(CudaStorage, Shape)> {
+        let dims = self.dims(xl, wl, x.dtype())?;
+        let out = by_dtype!(x.dtype(), T => self.go::<T>((x, xl), None, (w, wl), dims)?);
+        Ok((out, xl.shape().clone()))
+    }
+}
+
+impl CustomOp3 for AddRmsNorm {
+    fn name(&self) -> &'static str {
+        "fused-add-rms-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        candle_core::bail!("the fused add + rms norm kernel runs on CUDA only")
+    }
+
+    fn cuda_fwd(
+        &self,
+        x: &CudaStorage,
+        xl: &Layout,
+        a: &CudaStorage,
+        al: &Layout,
+        w: &CudaStorage,
+        wl: &Layout,
+    ) -> candle_core::Result<(CudaStorage, Shape)> {
+        if al.dims() != xl.dims() {
+            candle_core::bail!("add + rms norm: {:?} + {:?}", xl.dims(), al.dims());
+        }
+        let dims = self.dims(xl, wl, x.dtype())?;
+        let out = by_dtype!(x.dtype(), T => self.go::<T>((x, xl), Some((a, al)), (w, wl), dims)?);
+        Ok((out, Shape::from(2 * xl.shape().elem_count())))
+    }
+}
+
+/// How the rows of a batch use a LoRA stack (see `lora_input`).
+pub enum LoraRows<'a> {
+    /// Every row keeps x·Aᵀ.
+    All,
+    /// Per batch row and rank column, 1 keeps, 0 drops: [B, 1, R] in the model dtype.
+    Masked(&'a Tensor),
+    /// No row uses the stack: h = 0.
+    None,
+}
+
+/// [x | h] for x [N, in] (N = B·t token rows), A [R, in]: h = x·Aᵀ where `rows` keeps it, else 0 →
+/// [N, in + R], the input of a linear whose weight is [W | B]. With `head_dim`, x is attention's
+/// heads-first output [B, in / head_dim, t, head_dim] instead, merged on the way.
+pub fn lora_input(
+    x: &Tensor,
+    a: &Tensor,
+    rows: LoraRows,
+    t: usize,
+    head_dim: Option<usize>,
+) -> candle_core::Result<Tensor> {
+    let x = if head_dim.is_some() {
+        let (b, nh, t, d) = x.dims4()?;
+        x.contiguous()?.reshape((b * t, nh * d))?
+    } else {
+        x.contiguous()?
+    };
+    let op = |mode| LoraInput { mode, t, hd: head_dim.unwrap_or(0) };
+    match rows {
+        LoraRows::Masked(m) => x.apply_op3_no_bwd(a, &m.contiguous()?, &op(1)),
+        LoraRows::All => x.apply_op2_no_bwd(a, &op(0)),
+        LoraRows::None => x.apply_op2_no_bwd(a, &op(2)),
+    }
+}
+
+struct LoraInput {
+    mode: i32,
+    t: usize,
+    /// > 0: x is heads-first [B, in / hd, t, hd] (viewed as [N, in] only for its element count).
+    hd: usize,
+}
+
+impl LoraInput {
+    fn go<T: CudaDType + DeviceRepr>(
+        &self,
+        x: (&CudaStorage, &Layout),
+        a: (&CudaStorage, &Layout),
+        mask: Option<(&CudaStorage, &Layout)>,
+    ) -> candle_core::Result<(CudaStorage, Shape)> {
+        let (n, inp) = x.1.shape().dims2()?;
+        let (r, a_in) = a.1.shape().dims2()?;
+        if a_in != inp || self.t == 0 || !n.is_multiple_of(self.t) || (self.hd > 0 && !inp.is_multiple_of(self.hd)) {
+            candle_core::bail!("lora input: x {:?}, A {:?}, {} tokens per row", x.1.dims(), a.1.dims(), self.t);
+        }
+        if let Some((_, ml)) = mask {
+            if ml.shape().elem_count() != (n / self.t) * r {
+                candle_core::bail!("lora input: mask {:?} for {} rows of rank {r}", ml.dims(), n / self.t);
+            }
+        }
+        let dev = x.0.device().clone();
+        let xv = view::<T>(x.0, x.1, "lora input", 1)?;
+        let av = view::<T>(a.0, a.1, "lora A", 1)?;
+        let mv = mask.map(|(s, l)| view::<T>(s, l, "lora mask", 1)).transpose()?;
+        // SAFETY: every element is written by the kernel.
+        let out = unsafe { dev.alloc::<T>(n * (inp + r))? };
+        // The tiled kernel (32 rows per block sharing A, 16-byte accesses) where the shapes are whole packs.
+        let v = pack(x.0.dtype());
+        let packed = inp.is_multiple_of(v)
+            && (inp + r).is_multiple_of(v)
+            && self.hd.is_multiple_of(v)
+            && contiguous(x.1, "lora input")?.0.is_multiple_of(v)
+            && contiguous(a.1, "lora A")?.0.is_multiple_of(v);
+        const ROWS: usize = 32; // rows per block of the tiled kernel (kernels/fused.cu)
+        let name = format!("lora_input{}_{}", if packed { "_tiled" } else { "" }, suffix(x.0.dtype())?);
+        let func = dev.get_or_load_custom_func(&name, MODULE, PTX)?;
+        let blocks = if packed { n.div_ceil(ROWS) } else { n };
+        let cfg = LaunchConfig { grid_dim: (blocks.max(1) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        let ints = [inp as i32, r as i32, self.t as i32, self.mode, self.hd as i32];
+        let null = 0u64;
+        let n_rows = n as i64;
+        let mut b = func.builder();
+        b.arg(&xv);
+        b.arg(&av);
+        match &mv {
+            Some(m) => b.arg(m),
+            None => b.arg(&null),
+        };
+        b.arg(&out);
+        if packed {
+            b.arg(&n_rows);
+        }
+        for v in &ints {
+            b.arg(v);
+        }
+        // SAFETY: argument types match the kernel's signature; one block per token row.
+        unsafe { b.launch(cfg) }.w()?;
+        Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from((n, inp + r))))
+    }
+}
+
+impl CustomOp2 for LoraInput {
+    fn name(&self) -> &'static str {
+        "fused-lora-input"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        candle_core::bail!("the fused lora input kernel runs on CUDA only")
+    }
+
+    fn cuda_fwd(
+        &self,
+        x: &CudaStorage,
+        xl: &Layout,
+        a: &CudaStorage,
+        al: &Layout,
+    ) -> candle_core::Result<(CudaStorage, Shape)> {
+        by_dtype!(x.dtype(), T => self.go::<T>((x, xl), (a, al), None))
+    }
+}
+
+impl CustomOp3 for LoraInput {
+    fn name(&self) -> &'static str {
+        "fused-lora-input-masked"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        candle_core::bail!("the fused lora input kernel runs on CUDA only")
+    }
+
+    fn cuda_fwd(
+        &self,
+        x: &CudaStorage,
+        xl: &Layout,
+        a: &CudaStorage,
+        al: &Layout,
+        m: &CudaStorage,
+        ml: &Layout,
+    ) -> candle_core::Result<(CudaStorage, Shape)> {
+        by_dtype!(x.dtype(), T => self.go::<T>((x, xl), (a, al), Some((m, ml))))
+    }
+}
+
+/// log p(targets[n]) under logits [N, V] (any float dtype) → [N] f32, one pass over the logits.
+pub fn target_log_probs(logits: &Tensor, targets: &Tensor) -> candle_core::Result<Tensor> {
+    logits.apply_op2_no_bwd(targets, &TargetLogProb)
+}
+
+struct TargetLogProb;
+
+impl TargetLogProb {
+    fn go<T: CudaDType + DeviceRepr>(
+        &self,
+        x: (&CudaStorage, &Layout),
+        tgt: (&CudaStorage, &Layout),
+    ) -> candle_core::Result<(CudaStorage, Shape)> {
+        let (n, v) = x.1.shape().dims2()?;
+        if tgt.1.shape().elem_count() != n {
+            candle_core::bail!("target log-probs: {} targets for {n} rows", tgt.1.shape().elem_count());
+        }
+        let dev = x.0.device().clone();
+        let xv = view::<T>(x.0, x.1, "logits", 1)?;
+        let tv = view::<u32>(tgt.0, tgt.1, "targets", 1)?;
+        // SAFETY: every element is written by the kernel.
+        let out = unsafe { dev.alloc::<f32>(n)? };
+        let name = format!("target_logprob_{}", suffix(x.0.dtype())?);
+        let func = dev.get_or_load_custom_func(&name, MODULE, PTX)?;
+        let cfg = LaunchConfig { grid_dim: (n.max(1) as u32, 1, 1), block_dim: (1024, 1, 1), shared_mem_bytes: 0 };
+        let vi = v as i32;
+        let mut b = func.builder();
+        b.arg(&xv);
+        b.arg(&tv);
+        b.arg(&out);
+        b.arg(&vi);
+        // SAFETY: argument types match the kernel's signature; one block per row.
+        unsafe { b.launch(cfg) }.w()?;
+        Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from(n)))
+    }
+}
+
+impl CustomOp2 for TargetLogProb {
+    fn name(&self) -> &'static str {
+        "fused-target-log-prob"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> candle_core::Result<(CpuStorage, Shape)> {
+        candle_core::bail!("the fused target log-prob kernel runs on CUDA only")
+    }
+
+    fn cuda_fwd(
+        &self,
+        x: &CudaStorage,
+        xl: &Layout,
+        t: &CudaStorage,
+        tl: &Layout,
+    ) -> candle_core::Result<(CudaStorage, Shape)> {
+        by_dtype!(x.dtype(), T => self.go::<T>((x, xl), (t, tl)))
     }
 }

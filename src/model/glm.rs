@@ -322,9 +322,14 @@ impl Glm {
             let ctx = Step { cos, sin, mask, pads, sel };
             Ok((ctx, self.embed.embedding(&ids.flatten_all()?)?.reshape((b, t, self.cfg.hidden_size))?))
         })?;
+        let mut pending = None;
         for (i, layer) in self.layers.iter().enumerate() {
             let kv = cache.as_deref_mut().map(|c| (c, i));
-            x = self.layer(layer, &x, &ctx, kv)?;
+            let (nx, d) = self.layer(layer, &x, pending.as_ref(), &ctx, kv)?;
+            (x, pending) = (nx, Some(d));
+        }
+        if let Some(d) = pending {
+            x = profile::section("norm_residual", dev, || Ok((x + d)?))?;
         }
         if let Some(c) = cache {
             c.len = s;
@@ -341,7 +346,7 @@ impl Glm {
 
     /// Logits (f32) at chosen flat positions of hidden [B, T, H] → [N, V].
     pub fn logits_at(&self, hidden: &Tensor, at: &[u32]) -> Result<Tensor> {
-        profile::section("logits", &self.device, || self.logits_at_inner(hidden, at))
+        profile::section("logits", &self.device, || Ok(self.logits_at_inner(hidden, at)?.to_dtype(DType::F32)?))
     }
 
     fn logits_at_inner(&self, hidden: &Tensor, at: &[u32]) -> Result<Tensor> {
@@ -349,42 +354,73 @@ impl Glm {
         let flat = hidden.reshape(((), h))?;
         let idx = Tensor::from_slice(at, at.len(), &self.device)?;
         let rows = flat.index_select(&idx, 0)?;
-        let rows = self.rms_norm(&rows, &self.final_norm, self.cfg.rms_eps as f32)?;
-        Ok(rows.matmul(&self.lm_head.t()?)?.to_dtype(DType::F32)?)
+        let rows = self.rms_norm(&rows, &self.final_norm)?;
+        Ok(rows.matmul(&self.lm_head.t()?)?)
     }
 
     /// log p(targets[i]) at flat positions `at[i]` of hidden [B, T, H] → [N] f32: log-softmax
     /// (in f32) of the logits there, read at the target.
     pub fn target_log_probs(&self, hidden: &Tensor, at: &[u32], targets: &[u32]) -> Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        if self.fused() {
+            // The logits in the model dtype (their f32 cast is exact) read once by one kernel.
+            let logits = profile::section("logits", &self.device, || self.logits_at_inner(hidden, at))?;
+            let idx = Tensor::from_slice(targets, targets.len(), &self.device)?;
+            return profile::section("log_softmax", &self.device, || {
+                Ok(super::cuda_ops::target_log_probs(&logits, &idx)?)
+            });
+        }
         let lp = self.log_probs_at(hidden, at)?;
         let idx = Tensor::from_slice(targets, (targets.len(), 1), &self.device)?;
         Ok(lp.gather(&idx, 1)?.flatten_all()?)
     }
 
-    fn layer(&self, l: &Layer, x: &Tensor, ctx: &Step, kv: Option<(&mut Cache, usize)>) -> Result<Tensor> {
+    /// One decoder layer. `x` is the residual stream and `pending` the previous layer's MLP output,
+    /// not yet added: the add runs fused with this layer's first norm. Returns the new pair.
+    fn layer(
+        &self,
+        l: &Layer,
+        x: &Tensor,
+        pending: Option<&Tensor>,
+        ctx: &Step,
+        kv: Option<(&mut Cache, usize)>,
+    ) -> Result<(Tensor, Tensor)> {
         let sel = ctx.sel;
-        let eps = self.cfg.rms_eps as f32;
         let dev = &self.device;
-        let h = profile::section("norm_residual", dev, || self.rms_norm(x, &l.input_norm, eps))?;
+        let (x, h) = profile::section("norm_residual", dev, || self.add_norm(x, pending, &l.input_norm))?;
         let mut a = self.attention(l, &h, ctx, kv)?;
         let (x, h) = profile::section("norm_residual", dev, || {
             if let Some(n) = &l.post_self_attn_norm {
-                a = self.rms_norm(&a, n, eps)?;
+                a = self.rms_norm(&a, n)?;
             }
-            let x = (x + &a)?;
-            let h = self.rms_norm(&x, &l.post_attn_norm, eps)?;
-            Ok((x, h))
+            self.add_norm(&x, Some(&a), &l.post_attn_norm)
         })?;
-        let gu = l.gate_up.forward(&h, sel)?;
+        let fused = self.fused();
+        let gu = l.gate_up.forward(&h, sel, fused)?;
         let m = self.cfg.intermediate_size;
         let act = profile::section("swiglu", dev, || self.swiglu(&gu, m))?;
-        let mut d = l.down.forward(&act, sel)?;
-        profile::section("norm_residual", dev, || {
-            if let Some(n) = &l.post_mlp_norm {
-                d = self.rms_norm(&d, n, eps)?;
-            }
-            Ok((x + d)?)
-        })
+        let mut d = l.down.forward(&act, sel, fused)?;
+        if let Some(n) = &l.post_mlp_norm {
+            d = profile::section("norm_residual", dev, || self.rms_norm(&d, n))?;
+        }
+        Ok((x, d))
+    }
+
+    /// (x + a, RMSNorm(x + a)·w), or (x, RMSNorm(x)·w) without `a`; one kernel on CUDA.
+    fn add_norm(&self, x: &Tensor, a: Option<&Tensor>, w: &Tensor) -> Result<(Tensor, Tensor)> {
+        #[cfg(feature = "cuda")]
+        if self.fused_norm() {
+            return Ok(match a {
+                Some(a) => super::cuda_ops::add_rms_norm(x, a, w, self.cfg.rms_eps as f32)?,
+                None => (x.clone(), super::cuda_ops::rms_norm(x, w, self.cfg.rms_eps as f32)?),
+            });
+        }
+        let x = match a {
+            Some(a) => (x + a)?,
+            None => x.clone(),
+        };
+        let h = self.rms_norm(&x, w)?;
+        Ok((x, h))
     }
 
     fn attention(&self, l: &Layer, x: &Tensor, ctx: &Step, kv: Option<(&mut Cache, usize)>) -> Result<Tensor> {
@@ -392,7 +428,7 @@ impl Glm {
         let c = &self.cfg;
         let (b, t, _) = x.dims3()?;
         let (nh, kvh, d) = (c.num_heads, c.num_kv_heads, c.head_dim);
-        let qkv = l.qkv.forward(x, sel)?; // [B, T, (nh + 2·kvh)·D]
+        let qkv = l.qkv.forward(x, sel, self.fused())?; // [B, T, (nh + 2·kvh)·D]
         let dev = &self.device;
         // Sub-sections so the profile shows where attention time goes.
         let (q, k, v) = profile::section("attention: heads + rope", dev, || {
@@ -434,10 +470,7 @@ impl Glm {
         let out = profile::section("attention: p·v", dev, || {
             Ok(probs.reshape((b, kvh, g * t, s))?.matmul(&v)?) // [B, kvh, g·T, D]
         })?;
-        let out = profile::section("attention: merge heads", dev, || {
-            Ok(out.reshape((b, nh, t, d))?.transpose(1, 2)?.reshape((b, t, nh * d))?)
-        })?;
-        l.o.forward(&out, sel)
+        l.o.forward_heads(&out.reshape((b, nh, t, d))?, sel, self.fused())
     }
 
     /// RoPE on the first rotary_dim dims of each head, interleaved pairs (GPT-J style).
@@ -484,6 +517,12 @@ impl Glm {
         cfg!(feature = "cuda") && self.device.is_cuda() && !self.differentiable && !unfused_requested()
     }
 
+    /// Whether norms run as the fused kernel (its 16-byte loads need a hidden size in whole packs).
+    #[cfg(feature = "cuda")]
+    fn fused_norm(&self) -> bool {
+        self.fused() && super::cuda_ops::row_kernel_fits(self.cfg.hidden_size, self.dtype)
+    }
+
     /// silu(gate) · up of the fused gate/up output [.., 2m] → [.., m].
     fn swiglu(&self, gu: &Tensor, m: usize) -> Result<Tensor> {
         #[cfg(feature = "cuda")]
@@ -501,7 +540,12 @@ impl Glm {
         bail!("the fused attention kernel needs the cuda build")
     }
 
-    fn rms_norm(&self, x: &Tensor, w: &Tensor, eps: f32) -> Result<Tensor> {
+    fn rms_norm(&self, x: &Tensor, w: &Tensor) -> Result<Tensor> {
+        let eps = self.cfg.rms_eps as f32;
+        #[cfg(feature = "cuda")]
+        if self.fused_norm() {
+            return Ok(super::cuda_ops::rms_norm(x, w, eps)?);
+        }
         Ok(if self.differentiable {
             candle_nn::ops::rms_norm_slow(x, w, eps)?
         } else {

@@ -183,25 +183,71 @@ impl Linear {
         Ok(())
     }
 
-    /// x: [B, T, in] → [B, T, out]
-    pub fn forward(&self, x: &Tensor, sel: &RowSelection) -> Result<Tensor> {
+    /// x: [B, T, in] → [B, T, out]. `fused`: build [x | h] with one CUDA kernel (cuda_ops::lora_input).
+    pub fn forward(&self, x: &Tensor, sel: &RowSelection, fused: bool) -> Result<Tensor> {
         let (b, t, inp) = x.dims3()?;
         let x2 = x.reshape((b * t, inp))?;
-        let dev = x.device();
         let input = match &self.lora {
             None => x2,
-            Some(stack) => super::profile::section("lora", dev, || {
-                let r = stack.rank();
-                let h = match sel.mask(stack)? {
-                    Mask::Skip => Tensor::zeros((b * t, r), x2.dtype(), dev)?,
-                    Mask::All => x2.matmul(&stack.a.t()?)?,
-                    Mask::Rows(m) => {
-                        x2.matmul(&stack.a.t()?)?.reshape((b, t, r))?.broadcast_mul(&m)?.reshape((b * t, r))?
-                    }
-                };
-                Ok(Tensor::cat(&[&x2, &h], 1)?)
-            })?,
+            Some(stack) => self.lora_input(&x2, None, stack, sel, t, fused)?,
         };
+        self.gemm(&input, b, t, x.device())
+    }
+
+    /// As `forward` for attention's heads-first output x [B, nh, T, D], merged to [B, T, nh·D] first
+    /// (on CUDA with adapters attached, merged by the kernel that builds [x | h]).
+    pub fn forward_heads(&self, x: &Tensor, sel: &RowSelection, fused: bool) -> Result<Tensor> {
+        let (b, nh, t, d) = x.dims4()?;
+        if let (Some(stack), true) = (&self.lora, fused && cfg!(feature = "cuda")) {
+            let input = self.lora_input(x, Some(d), stack, sel, t, fused)?;
+            return self.gemm(&input, b, t, x.device());
+        }
+        let merged = super::profile::section("attention: merge heads", x.device(), || {
+            Ok(x.transpose(1, 2)?.reshape((b, t, nh * d))?)
+        })?;
+        self.forward(&merged, sel, fused)
+    }
+
+    /// [x | h]: x [N, in] (or heads-first [B, nh, t, D] with `head_dim`) and its masked x·Aᵀ.
+    #[allow(unused_variables)]
+    fn lora_input(
+        &self,
+        x: &Tensor,
+        head_dim: Option<usize>,
+        stack: &LoraStack,
+        sel: &RowSelection,
+        t: usize,
+        fused: bool,
+    ) -> Result<Tensor> {
+        let dev = x.device();
+        super::profile::section("lora", dev, || {
+            #[cfg(feature = "cuda")]
+            if fused {
+                use super::cuda_ops::{lora_input, LoraRows};
+                let rows = match sel.mask(stack)? {
+                    Mask::Skip => LoraRows::None,
+                    Mask::All => LoraRows::All,
+                    Mask::Rows(m) => return Ok(lora_input(x, &stack.a, LoraRows::Masked(&m), t, head_dim)?),
+                };
+                return Ok(lora_input(x, &stack.a, rows, t, head_dim)?);
+            }
+            if head_dim.is_some() {
+                anyhow::bail!("heads-first LoRA input needs the fused CUDA kernel");
+            }
+            let (n, _) = x.dims2()?;
+            let b = n / t;
+            let r = stack.rank();
+            let h = match sel.mask(stack)? {
+                Mask::Skip => Tensor::zeros((n, r), x.dtype(), dev)?,
+                Mask::All => x.matmul(&stack.a.t()?)?,
+                Mask::Rows(m) => x.matmul(&stack.a.t()?)?.reshape((b, t, r))?.broadcast_mul(&m)?.reshape((n, r))?,
+            };
+            Ok(Tensor::cat(&[x, &h], 1)?)
+        })
+    }
+
+    /// input [B·T, in (+ ΣR)] · weightᵀ (+ bias) → [B, T, out]
+    fn gemm(&self, input: &Tensor, b: usize, t: usize, dev: &Device) -> Result<Tensor> {
         super::profile::section("gemm", dev, || {
             let mut y = input.matmul(&self.weight.t()?)?;
             if let Some(bias) = &self.bias {
