@@ -80,45 +80,6 @@ __device__ void masked_softmax(T *x, const unsigned int *pad, int heads, int t, 
   int lo = (int)pad[b];
   int hi = min(offset + i + 1, s);
   T *xr = x + row * (long long)s;
-  constexpr int V = Pack<T>::N;
-  if (cached && s % V == 0) {
-    // Whole rows of 16-byte packs (scoring: widths are padded to 8): vector loads and stores.
-    Pack<T> *xp = reinterpret_cast<Pack<T> *>(xr);
-    float mx = -INFINITY;
-    for (int c = lo / V + threadIdx.x; c * V < hi; c += blockDim.x) {
-      Pack<T> p = xp[c];
-#pragma unroll
-      for (int e = 0; e < V; e++) {
-        int j = c * V + e;
-        float v = round_t<T>(to_f(p.v[e]) * scale);
-        row_buf[j] = v;
-        if (j >= lo && j < hi) mx = fmaxf(mx, v);
-      }
-    }
-    mx = block_reduce(mx, true, shared);
-    float sum = 0.0f;
-    for (int c = lo / V + threadIdx.x; c * V < hi; c += blockDim.x) {
-#pragma unroll
-      for (int e = 0; e < V; e++) {
-        int j = c * V + e;
-        float ex = (j >= lo && j < hi) ? expf(row_buf[j] - mx) : 0.0f;
-        row_buf[j] = ex;
-        sum += ex;
-      }
-    }
-    sum = block_reduce(sum, false, shared);
-    float inv = hi > lo ? 1.0f / sum : 0.0f;
-    for (int c = threadIdx.x; c < s / V; c += blockDim.x) {
-      Pack<T> p;
-#pragma unroll
-      for (int e = 0; e < V; e++) {
-        int j = c * V + e;
-        p.v[e] = from_f<T>(j >= lo && j < hi ? row_buf[j] * inv : 0.0f);
-      }
-      xp[c] = p;
-    }
-    return;
-  }
   float mx = -INFINITY;
   for (int j = lo + threadIdx.x; j < hi; j += blockDim.x) {
     float v = round_t<T>(to_f(xr[j]) * scale);
@@ -229,21 +190,20 @@ __device__ void lora_input(const T *x, const T *A, const T *mask, T *out, int in
   }
 }
 
-// As lora_input, for shapes in whole 16-byte packs (in, in + R and hd multiples of Pack::N). A block
-// of 8 warps takes 32 token rows, 4 per warp; A is staged through shared memory 32 packs of columns
-// at a time, so each block reads it once (not once per row); every access is 16 bytes wide.
-template <typename T>
-__device__ void lora_input_tiled(const T *x, const T *A, const T *mask, T *out, long long n_rows, int in, int R,
-                                 int t, int mode, int hd) {
-  constexpr int V = Pack<T>::N, RW = 4, WARPS = 8;
-  __shared__ Pack<T> a_tile[8][32];
-  int nv = in / V, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  long long n0 = ((long long)blockIdx.x * WARPS + warp) * RW;
+// As lora_input, for shapes in whole 16-byte packs (in, in + R and hd multiples of Pack::N): ROWS
+// token rows per block share each load of A, and every access is 16 bytes wide.
+template <typename T, int ROWS>
+__device__ void lora_input_packed(const T *x, const T *A, const T *mask, T *out, long long n_rows, int in, int R,
+                                  int t, int mode, int hd) {
+  constexpr int V = Pack<T>::N;
+  __shared__ float shared[ROWS * 8][32];
+  long long n0 = (long long)blockIdx.x * ROWS;
+  int nv = in / V, lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = (blockDim.x + 31) >> 5;
   long long nh = hd > 0 ? in / hd : 0;
-  const T *row_src[RW];
-  Pack<T> *row_dst[RW];
+  const T *row_src[ROWS];
+  Pack<T> *row_dst[ROWS];
 #pragma unroll
-  for (int k = 0; k < RW; k++) {
+  for (int k = 0; k < ROWS; k++) {
     long long n = min(n0 + k, n_rows - 1);
     if (hd > 0) {
       long long b = n / t, ti = n - b * t;
@@ -256,61 +216,61 @@ __device__ void lora_input_tiled(const T *x, const T *A, const T *mask, T *out, 
   bool dots = mode != 2;
   for (int r0 = 0; r0 < R; r0 += 8) {
     int nr = min(8, R - r0);
-    float acc[RW][8];
+    float acc[ROWS][8];
 #pragma unroll
-    for (int k = 0; k < RW; k++)
+    for (int k = 0; k < ROWS; k++)
 #pragma unroll
       for (int j = 0; j < 8; j++) acc[k][j] = 0.0f;
     if (r0 == 0 || dots) {
-      for (int c0 = 0; c0 < nv; c0 += 32) {
-        if (dots) {
-          __syncthreads();  // the previous tile is used up
-          int j = threadIdx.x >> 5, pc = c0 + lane;
-          if (j < nr && pc < nv) a_tile[j][lane] = reinterpret_cast<const Pack<T> *>(A + (long long)(r0 + j) * in)[pc];
-          __syncthreads();
-        }
-        int c = c0 + lane;
-        if (c >= nv) continue;
+      for (int c = threadIdx.x; c < nv; c += blockDim.x) {
         long long off = (long long)c * V;
         if (hd > 0) {
           long long h = off / hd;
           off = h * t * hd + (off - h * hd);
         }
-        Pack<T> xp[RW];
+        Pack<T> xp[ROWS];
 #pragma unroll
-        for (int k = 0; k < RW; k++) {
+        for (int k = 0; k < ROWS; k++) {
           if (n0 + k < n_rows) {
             xp[k] = *reinterpret_cast<const Pack<T> *>(row_src[k] + off);
             if (r0 == 0) row_dst[k][c] = xp[k];
-          } else {
-#pragma unroll
-            for (int e = 0; e < V; e++) xp[k].v[e] = from_f<T>(0.0f);
           }
         }
         if (dots)
 #pragma unroll
           for (int j = 0; j < 8; j++) {
             if (j >= nr) break;
-            Pack<T> a = a_tile[j][lane];
+            Pack<T> a = reinterpret_cast<const Pack<T> *>(A + (long long)(r0 + j) * in)[c];
 #pragma unroll
-            for (int k = 0; k < RW; k++)
+            for (int k = 0; k < ROWS; k++)
 #pragma unroll
               for (int e = 0; e < V; e++) acc[k][j] += to_f(xp[k].v[e]) * to_f(a.v[e]);
           }
       }
     }
 #pragma unroll
-    for (int k = 0; k < RW; k++)
+    for (int k = 0; k < ROWS; k++)
 #pragma unroll
-      for (int j = 0; j < 8; j++) {
+      for (int j = 0; j < 8; j++)
         for (int o = 16; o > 0; o >>= 1) acc[k][j] += __shfl_xor_sync(0xffffffff, acc[k][j], o);
-        long long n = n0 + k;
-        if (lane == k * 8 + j && j < nr && n < n_rows) {
-          int r = r0 + j;
-          bool keep = mode == 0 || (mode == 1 && to_f(mask[(n / t) * R + r]) != 0.0f);
-          out[n * (long long)(in + R) + in + r] = from_f<T>(keep ? acc[k][j] : 0.0f);
-        }
+    __syncthreads();
+    if (lane == 0)
+#pragma unroll
+      for (int k = 0; k < ROWS; k++)
+#pragma unroll
+        for (int j = 0; j < 8; j++) shared[k * 8 + j][warp] = acc[k][j];
+    __syncthreads();
+    if (threadIdx.x < ROWS * 8) {
+      int k = threadIdx.x / 8, j = threadIdx.x % 8;
+      long long n = n0 + k;
+      if (j < nr && n < n_rows) {
+        float v = 0.0f;
+        for (int w = 0; w < warps; w++) v += shared[threadIdx.x][w];
+        int r = r0 + j;
+        bool keep = mode == 0 || (mode == 1 && to_f(mask[(n / t) * R + r]) != 0.0f);
+        out[n * (long long)(in + R) + in + r] = from_f<T>(keep ? v : 0.0f);
       }
+    }
   }
 }
 
@@ -395,9 +355,9 @@ __device__ void qkv_rope(const T *qkv, const T *cos, const T *sin, T *out, int b
                                                  int t, int mode, int hd) {                                 \
     lora_input<T>(x, A, mask, out, in, R, t, mode, hd);                                                     \
   }                                                                                                         \
-  extern "C" __global__ void lora_input_tiled_##SUFFIX(const T *x, const T *A, const T *mask, T *out,            \
-                                                       long long n_rows, int in, int R, int t, int mode, int hd) { \
-    lora_input_tiled<T>(x, A, mask, out, n_rows, in, R, t, mode, hd);                                       \
+  extern "C" __global__ void lora_input_packed_##SUFFIX(const T *x, const T *A, const T *mask, T *out,           \
+                                                        long long n_rows, int in, int R, int t, int mode, int hd) { \
+    lora_input_packed<T, 2>(x, A, mask, out, n_rows, in, R, t, mode, hd);                                   \
   }                                                                                                         \
   extern "C" __global__ void target_logprob_##SUFFIX(const T *logits, const unsigned int *tgt, float *out, int v) { \
     target_logprob<T>(logits, tgt, out, v);                                                                 \

@@ -557,15 +557,15 @@ impl LoraInput {
         let mv = mask.map(|(s, l)| view::<T>(s, l, "lora mask", 1)).transpose()?;
         // SAFETY: every element is written by the kernel.
         let out = unsafe { dev.alloc::<T>(n * (inp + r))? };
-        // The tiled kernel (32 rows per block sharing A, 16-byte accesses) where the shapes are whole packs.
+        // The packed kernel (2 rows per block sharing A, 16-byte accesses) where the shapes are whole packs.
         let v = pack(x.0.dtype());
         let packed = inp.is_multiple_of(v)
             && (inp + r).is_multiple_of(v)
             && self.hd.is_multiple_of(v)
             && contiguous(x.1, "lora input")?.0.is_multiple_of(v)
             && contiguous(a.1, "lora A")?.0.is_multiple_of(v);
-        const ROWS: usize = 32; // rows per block of the tiled kernel (kernels/fused.cu)
-        let name = format!("lora_input{}_{}", if packed { "_tiled" } else { "" }, suffix(x.0.dtype())?);
+        const ROWS: usize = 2; // rows per block of the packed kernel (kernels/fused.cu)
+        let name = format!("lora_input{}_{}", if packed { "_packed" } else { "" }, suffix(x.0.dtype())?);
         let func = dev.get_or_load_custom_func(&name, MODULE, PTX)?;
         let blocks = if packed { n.div_ceil(ROWS) } else { n };
         let cfg = LaunchConfig { grid_dim: (blocks.max(1) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
