@@ -12,6 +12,90 @@ use half::{bf16, f16};
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/fused.ptx"));
 const MODULE: &str = "glm4_verify_fused";
 
+/// The `name` and the CPU refusal of a CUDA-only candle op.
+macro_rules! cuda_only {
+    (op1, $name:literal) => {
+        fn name(&self) -> &'static str {
+            $name
+        }
+        fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+            candle_core::bail!(concat!($name, " runs on CUDA only"))
+        }
+    };
+    (op2, $name:literal) => {
+        fn name(&self) -> &'static str {
+            $name
+        }
+        fn cpu_fwd(
+            &self,
+            _: &CpuStorage,
+            _: &Layout,
+            _: &CpuStorage,
+            _: &Layout,
+        ) -> candle_core::Result<(CpuStorage, Shape)> {
+            candle_core::bail!(concat!($name, " runs on CUDA only"))
+        }
+    };
+    (op3, $name:literal) => {
+        fn name(&self) -> &'static str {
+            $name
+        }
+#[rustfmt::skip]
+        fn cpu_fwd(&self, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout)
+            -> candle_core::Result<(CpuStorage, Shape)> {
+            candle_core::bail!(concat!($name, " runs on CUDA only"))
+        }
+    };
+    (inplace2, $name:literal) => {
+        fn name(&self) -> &'static str {
+            $name
+        }
+        fn cpu_fwd(&self, _: &mut CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> candle_core::Result<()> {
+            candle_core::bail!(concat!($name, " runs on CUDA only"))
+        }
+    };
+}
+
+/// Runs `$body` with `$t` the Rust type of `$dtype` (bf16, f16 or f32).
+macro_rules! by_dtype {
+    ($dtype:expr, $t:ident => $body:expr) => {
+        match $dtype {
+            DType::BF16 => {
+                type $t = bf16;
+                $body
+            }
+            DType::F16 => {
+                type $t = f16;
+                $body
+            }
+            DType::F32 => {
+                type $t = f32;
+                $body
+            }
+            d => candle_core::bail!("fused kernels take f32, bf16 or f16, not {d:?}"),
+        }
+    };
+}
+
+/// A contiguous input as a typed device view; `align` elements of alignment for 16-byte loads.
+fn view<'a, T: CudaDType>(
+    s: &'a CudaStorage,
+    l: &Layout,
+    what: &str,
+    align: usize,
+) -> candle_core::Result<CudaView<'a, T>> {
+    let (a, b) = contiguous(l, what)?;
+    if !a.is_multiple_of(align) {
+        candle_core::bail!("{what}: input offset {a} is not a multiple of {align} elements");
+    }
+    Ok(s.as_cuda_slice::<T>()?.slice(a..b))
+}
+
+/// Elements of T in 16 bytes (the kernels' vector loads).
+fn pack(dtype: DType) -> usize {
+    16 / dtype.size_in_bytes()
+}
+
 fn suffix(dtype: DType) -> candle_core::Result<&'static str> {
     match dtype {
         DType::F32 => Ok("f32"),
@@ -33,19 +117,20 @@ pub fn swiglu(gu: &Tensor) -> candle_core::Result<Tensor> {
 struct SwiGlu;
 
 impl SwiGlu {
-    fn run<T: DeviceRepr>(
+    fn go<T: CudaDType + DeviceRepr>(
         &self,
-        src: &CudaSlice<T>,
-        (start, end): (usize, usize),
-        dev: &CudaDevice,
+        s: &CudaStorage,
+        l: &Layout,
         rows: usize,
         m: usize,
-        name: &str,
-    ) -> candle_core::Result<CudaSlice<T>> {
-        let src = src.slice(start..end);
+    ) -> candle_core::Result<CudaStorage> {
+        let dev = s.device().clone();
+        // The kernel's 16-byte loads (used when m is whole packs) need a pack-aligned start.
+        let align = if m.is_multiple_of(pack(s.dtype())) { pack(s.dtype()) } else { 1 };
+        let src = view::<T>(s, l, "swiglu", align)?;
         // SAFETY: every element is written by the kernel.
         let out = unsafe { dev.alloc::<T>(rows * m)? };
-        let func = dev.get_or_load_custom_func(name, MODULE, PTX)?;
+        let func = dev.get_or_load_custom_func(&format!("swiglu_{}", suffix(s.dtype())?), MODULE, PTX)?;
         let cfg = LaunchConfig {
             grid_dim: (rows.clamp(1, 1 << 30) as u32, 1, 1),
             block_dim: (256, 1, 1),
@@ -57,44 +142,22 @@ impl SwiGlu {
         b.arg(&out);
         b.arg(&rows);
         b.arg(&m);
-        // SAFETY: argument types match the kernel's signature.
+        // SAFETY: argument types match the kernel's signature; one block per row.
         unsafe { b.launch(cfg) }.w()?;
-        Ok(out)
+        Ok(CudaStorage::wrap_cuda_slice(out, dev))
     }
 }
 
 impl CustomOp1 for SwiGlu {
-    fn name(&self) -> &'static str {
-        "fused-swiglu"
-    }
-
-    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        candle_core::bail!("the fused swiglu kernel runs on CUDA only")
-    }
+    cuda_only!(op1, "fused-swiglu");
 
     fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> candle_core::Result<(CudaStorage, Shape)> {
-        let offs = contiguous(l, "swiglu")?;
         let mut dims = l.dims().to_vec();
         let two_m = dims.pop().unwrap_or(0);
         let m = two_m / 2;
         let rows = l.shape().elem_count() / two_m.max(1);
         dims.push(m);
-        let dev = s.device();
-        let name = format!("swiglu_{}", suffix(s.dtype())?);
-        let out = match s.dtype() {
-            DType::BF16 => CudaStorage::wrap_cuda_slice(
-                self.run(s.as_cuda_slice::<bf16>()?, offs, dev, rows, m, &name)?,
-                dev.clone(),
-            ),
-            DType::F16 => CudaStorage::wrap_cuda_slice(
-                self.run(s.as_cuda_slice::<f16>()?, offs, dev, rows, m, &name)?,
-                dev.clone(),
-            ),
-            _ => CudaStorage::wrap_cuda_slice(
-                self.run(s.as_cuda_slice::<f32>()?, offs, dev, rows, m, &name)?,
-                dev.clone(),
-            ),
-        };
+        let out = by_dtype!(s.dtype(), T => self.go::<T>(s, l, rows, m)?);
         Ok((out, Shape::from(dims)))
     }
 }
@@ -145,13 +208,7 @@ impl MaskedSoftmax {
 }
 
 impl InplaceOp2 for MaskedSoftmax {
-    fn name(&self) -> &'static str {
-        "fused-masked-softmax"
-    }
-
-    fn cpu_fwd(&self, _: &mut CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> candle_core::Result<()> {
-        candle_core::bail!("the fused masked softmax kernel runs on CUDA only")
-    }
+    cuda_only!(inplace2, "fused-masked-softmax");
 
     fn cuda_fwd(&self, s: &mut CudaStorage, l: &Layout, p: &CudaStorage, pl: &Layout) -> candle_core::Result<()> {
         let offs = contiguous(l, "masked softmax")?;
@@ -257,21 +314,7 @@ impl QkvRope {
 }
 
 impl CustomOp3 for QkvRope {
-    fn name(&self) -> &'static str {
-        "fused-qkv-rope"
-    }
-
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        candle_core::bail!("the fused qkv/rope kernel runs on CUDA only")
-    }
+    cuda_only!(op3, "fused-qkv-rope");
 
     fn cuda_fwd(
         &self,
@@ -312,46 +355,6 @@ impl CustomOp3 for QkvRope {
         };
         Ok((out, Shape::from(n)))
     }
-}
-
-/// Runs `$body` with `$t` the Rust type of `$dtype` (bf16, f16 or f32).
-macro_rules! by_dtype {
-    ($dtype:expr, $t:ident => $body:expr) => {
-        match $dtype {
-            DType::BF16 => {
-                type $t = bf16;
-                $body
-            }
-            DType::F16 => {
-                type $t = f16;
-                $body
-            }
-            DType::F32 => {
-                type $t = f32;
-                $body
-            }
-            d => candle_core::bail!("fused kernels take f32, bf16 or f16, not {d:?}"),
-        }
-    };
-}
-
-/// A contiguous input as a typed device view; `align` elements of alignment for 16-byte loads.
-fn view<'a, T: CudaDType>(
-    s: &'a CudaStorage,
-    l: &Layout,
-    what: &str,
-    align: usize,
-) -> candle_core::Result<CudaView<'a, T>> {
-    let (a, b) = contiguous(l, what)?;
-    if !a.is_multiple_of(align) {
-        candle_core::bail!("{what}: input offset {a} is not a multiple of {align} elements");
-    }
-    Ok(s.as_cuda_slice::<T>()?.slice(a..b))
-}
-
-/// Elements of T in 16 bytes (the kernels' vector loads).
-fn pack(dtype: DType) -> usize {
-    16 / dtype.size_in_bytes()
 }
 
 /// Whether rows of `cols` elements suit the vectorised row kernels (add_rms_norm).
@@ -431,19 +434,7 @@ impl AddRmsNorm {
 }
 
 impl CustomOp2 for AddRmsNorm {
-    fn name(&self) -> &'static str {
-        "fused-rms-norm"
-    }
-
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        candle_core::bail!("the fused rms norm kernel runs on CUDA only")
-    }
+    cuda_only!(op2, "fused-rms-norm");
 
     fn cuda_fwd(
         &self,
@@ -459,21 +450,7 @@ impl CustomOp2 for AddRmsNorm {
 }
 
 impl CustomOp3 for AddRmsNorm {
-    fn name(&self) -> &'static str {
-        "fused-add-rms-norm"
-    }
-
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        candle_core::bail!("the fused add + rms norm kernel runs on CUDA only")
-    }
+    cuda_only!(op3, "fused-add-rms-norm");
 
     fn cuda_fwd(
         &self,
@@ -593,19 +570,7 @@ impl LoraInput {
 }
 
 impl CustomOp2 for LoraInput {
-    fn name(&self) -> &'static str {
-        "fused-lora-input"
-    }
-
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        candle_core::bail!("the fused lora input kernel runs on CUDA only")
-    }
+    cuda_only!(op2, "fused-lora-input");
 
     fn cuda_fwd(
         &self,
@@ -619,21 +584,7 @@ impl CustomOp2 for LoraInput {
 }
 
 impl CustomOp3 for LoraInput {
-    fn name(&self) -> &'static str {
-        "fused-lora-input-masked"
-    }
-
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        candle_core::bail!("the fused lora input kernel runs on CUDA only")
-    }
+    cuda_only!(op3, "fused-lora-input-masked");
 
     fn cuda_fwd(
         &self,
@@ -686,19 +637,7 @@ impl TargetLogProb {
 }
 
 impl CustomOp2 for TargetLogProb {
-    fn name(&self) -> &'static str {
-        "fused-target-log-prob"
-    }
-
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        candle_core::bail!("the fused target log-prob kernel runs on CUDA only")
-    }
+    cuda_only!(op2, "fused-target-log-prob");
 
     fn cuda_fwd(
         &self,
