@@ -362,6 +362,11 @@ fn cases() -> Vec<Case> {
         // Tokenizers and the chat template.
         c("tokenizer.json does not parse", 2, &["tokenizer.json", "does not parse"], |w| { w.write("base/tokenizer.json", "{\"model\": {\"type\": \"BPE\""); w.verify(&[]) }),
         c("tokenizer.json is not a tokenizer", 2, &["tokenizer.json", "does not parse"], |w| { w.write("base/tokenizer.json", "{}"); w.verify(&[]) }),
+        // tokenizers 0.23 panics on this one (found by fuzzing): an error, and no panic message.
+        c("tokenizer.json BPE merge longer than the vocabulary", 2, &["tokenizer.json", "does not parse", "failed on it internally"], |w| {
+            w.write("base/tokenizer.json", r#"{"model":{"type":"BPE","vocab":{"a":0,"b":1},"merges":[["a","b"]]}}"#);
+            w.verify(&[])
+        }),
         c("no tokenizer", 2, &["no tokenizer in", "tokenizer.json"], |w| { fs::remove_file(w.base().join("tokenizer.json")).unwrap(); w.verify(&[]) }),
         c("tokenizer.model with a bad base64 line", 2, &["tokenizer.model, line 3", "bad base64", "not*base64"], |w| {
             let b = w.chatglm_tiktoken(3, "not*base64 2");

@@ -151,15 +151,38 @@ fn check_tokenizer_json(text: &str) -> Result<()> {
 
 /// tokenizers' own parse, with a panic in it turned into an error: 0.23 has more than
 /// `check_tokenizer_json` catches, e.g. a BPE merge whose pair is longer than every vocabulary entry
-/// indexes past a buffer (found by fuzzing). The panic message still goes to stderr first.
+/// indexes past a buffer (found by fuzzing).
 fn parse_tokenizer(text: &str) -> Result<tokenizers::Tokenizer> {
-    match std::panic::catch_unwind(|| text.parse::<tokenizers::Tokenizer>()) {
+    match quiet_catch_unwind(|| text.parse::<tokenizers::Tokenizer>()) {
         Ok(t) => t.map_err(|e| anyhow!("{e}")),
         Err(p) => {
             let why = p.downcast_ref::<&str>().copied().or(p.downcast_ref::<String>().map(String::as_str));
-            bail!("the tokenizers library panicked on it ({})", why.unwrap_or("no message"))
+            bail!("the tokenizers library failed on it internally ({})", why.unwrap_or("no message"))
         }
     }
+}
+
+thread_local! {
+    static QUIET: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// `catch_unwind` without the panic message on stderr (the error says it instead): a process-wide
+/// hook, installed once, stays silent for panics on a thread inside this call and hands every other
+/// panic to the hook that was there before.
+fn quiet_catch_unwind<T>(f: impl FnOnce() -> T + std::panic::UnwindSafe) -> std::thread::Result<T> {
+    static HOOK: std::sync::Once = std::sync::Once::new();
+    HOOK.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if !QUIET.with(|q| q.get()) {
+                previous(info)
+            }
+        }));
+    });
+    QUIET.with(|q| q.set(true));
+    let r = std::panic::catch_unwind(f);
+    QUIET.with(|q| q.set(false));
+    r
 }
 
 fn tojson(v: minijinja::Value, kwargs: minijinja::value::Kwargs) -> std::result::Result<String, minijinja::Error> {
