@@ -224,10 +224,11 @@ impl Linear {
             #[cfg(feature = "cuda")]
             if fused {
                 use super::cuda_ops::{lora_input, LoraRows};
-                let rows = match sel.mask(stack)? {
+                let mask = sel.mask(stack)?;
+                let rows = match &mask {
                     Mask::Skip => LoraRows::None,
                     Mask::All => LoraRows::All,
-                    Mask::Rows(m) => return Ok(lora_input(x, &stack.a, LoraRows::Masked(&m), t, head_dim)?),
+                    Mask::Rows(m) => LoraRows::Masked(m),
                 };
                 return Ok(lora_input(x, &stack.a, rows, t, head_dim)?);
             }
