@@ -250,6 +250,11 @@ impl Linear {
     /// input [B·T, in (+ ΣR)] · weightᵀ (+ bias) → [B, T, out]
     fn gemm(&self, input: &Tensor, b: usize, t: usize, dev: &Device) -> Result<Tensor> {
         super::profile::section("gemm", dev, || {
+            #[cfg(feature = "cuda")]
+            if dev.is_cuda() && matches!(input.dtype(), DType::BF16 | DType::F16) && lt_requested() {
+                let y = super::cuda_gemm::linear(&input.contiguous()?, &self.weight, self.bias.as_ref())?;
+                return Ok(y.reshape((b, t, self.out_features()))?);
+            }
             let mut y = input.matmul(&self.weight.t()?)?;
             if let Some(bias) = &self.bias {
                 y = y.broadcast_add(bias)?;
@@ -278,4 +283,12 @@ impl Linear {
         self.weight = w.to_dtype(dtype)?;
         Ok(())
     }
+}
+
+/// The linears' bf16/f16 GEMMs run through cuBLASLt (src/model/cuda_gemm.rs) unless
+/// GLM4_VERIFY_GEMM=cublas asks for candle's matmul (to compare the two).
+#[cfg(feature = "cuda")]
+fn lt_requested() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("GLM4_VERIFY_GEMM").map_or(true, |v| v != "cublas"))
 }
