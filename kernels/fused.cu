@@ -29,25 +29,6 @@ __device__ __forceinline__ T swiglu_one(T g, T u) {
   return from_f<T>(round_t<T>(x / (1.0f + expf(-x))) * to_f(u));
 }
 
-template <typename T>
-__device__ void swiglu(const T *gu, T *out, long long rows, long long m) {
-  constexpr int V = Pack<T>::N;
-  for (long long r = blockIdx.x; r < rows; r += gridDim.x) {
-    const T *g = gu + r * 2 * m, *u = g + m;
-    T *o = out + r * m;
-    if (m % V == 0) {
-      for (long long c = threadIdx.x; c < m / V; c += blockDim.x) {
-        Pack<T> gp = reinterpret_cast<const Pack<T> *>(g)[c], up = reinterpret_cast<const Pack<T> *>(u)[c], op;
-#pragma unroll
-        for (int j = 0; j < V; j++) op.v[j] = swiglu_one(gp.v[j], up.v[j]);
-        reinterpret_cast<Pack<T> *>(o)[c] = op;
-      }
-    } else {
-      for (long long c = threadIdx.x; c < m; c += blockDim.x) o[c] = swiglu_one(g[c], u[c]);
-    }
-  }
-}
-
 __device__ __forceinline__ float block_reduce(float v, bool is_max, float *shared) {
   for (int o = 16; o > 0; o >>= 1) {
     float w = __shfl_xor_sync(0xffffffff, v, o);
@@ -63,6 +44,87 @@ __device__ __forceinline__ float block_reduce(float v, bool is_max, float *share
     v = is_max ? fmaxf(v, w) : v + w;
   }
   return v;
+}
+
+// The LoRA columns of a linear's input row, appended by the kernel that produced the row: the block
+// has just written x (`in` values) to o, whose row holds ld >= in + R values; h = x·Aᵀ (A [R, in], the
+// scaling folded in; f32 sums rounded to T, as a GEMM) goes to o[in, in + R), kept where the batch
+// row's mask [B, R] is 1 (mode 1), always (mode 0) or never (mode 2), and zeros fill o[in + R, ld)
+// (padding that keeps the GEMM's k a multiple of 64). Row n belongs to batch row n / t.
+template <typename T>
+__device__ void lora_tail(T *o, const T *A, const T *mask, int in, int R, int ld, long long n, int t, int mode) {
+  __shared__ float shared[8][32];
+  constexpr int V = Pack<T>::N;
+  __syncthreads();  // the row written by the whole block is read back (from L1/L2)
+  int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = (blockDim.x + 31) >> 5;
+  bool packed = in % V == 0 && reinterpret_cast<size_t>(o) % 16 == 0 && reinterpret_cast<size_t>(A) % 16 == 0;
+  for (int r0 = 0; r0 < R; r0 += 8) {
+    float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    int nr = min(8, R - r0);
+    if (mode != 2 && packed) {
+      for (int c = threadIdx.x; c < in / V; c += blockDim.x) {
+        Pack<T> xp = reinterpret_cast<const Pack<T> *>(o)[c];
+#pragma unroll
+        for (int j = 0; j < 8; j++) {
+          if (j >= nr) break;
+          Pack<T> a = reinterpret_cast<const Pack<T> *>(A + (long long)(r0 + j) * in)[c];
+#pragma unroll
+          for (int e = 0; e < V; e++) acc[j] += to_f(xp.v[e]) * to_f(a.v[e]);
+        }
+      }
+    } else if (mode != 2) {
+      for (int c = threadIdx.x; c < in; c += blockDim.x) {
+        float v = to_f(o[c]);
+#pragma unroll
+        for (int j = 0; j < 8; j++)
+          if (j < nr) acc[j] += v * to_f(A[(long long)(r0 + j) * in + c]);
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < 8; j++)
+      for (int off = 16; off > 0; off >>= 1) acc[j] += __shfl_xor_sync(0xffffffff, acc[j], off);
+    __syncthreads();
+    if (lane == 0)
+#pragma unroll
+      for (int j = 0; j < 8; j++) shared[j][warp] = acc[j];
+    __syncthreads();
+    if (threadIdx.x < nr) {
+      float v = 0.0f;
+      for (int k = 0; k < warps; k++) v += shared[threadIdx.x][k];
+      int r = r0 + threadIdx.x;
+      bool keep = mode == 0 || (mode == 1 && to_f(mask[(n / t) * R + r]) != 0.0f);
+      o[in + r] = from_f<T>(keep ? v : 0.0f);
+    }
+  }
+  for (int c = in + R + threadIdx.x; c < ld; c += blockDim.x) o[c] = from_f<T>(0.0f);
+}
+
+// A producer's optional LoRA columns (see lora_tail): A == nullptr for none, then ld = the row width.
+template <typename T> struct Tail {
+  const T *A;
+  const T *mask;
+  int R, ld, t, mode;
+};
+
+template <typename T>
+__device__ void swiglu(const T *gu, T *out, long long rows, long long m, Tail<T> tl) {
+  constexpr int V = Pack<T>::N;
+  long long ld = tl.A ? tl.ld : m;
+  for (long long r = blockIdx.x; r < rows; r += gridDim.x) {
+    const T *g = gu + r * 2 * m, *u = g + m;
+    T *o = out + r * ld;
+    if (m % V == 0 && ld % V == 0) {
+      for (long long c = threadIdx.x; c < m / V; c += blockDim.x) {
+        Pack<T> gp = reinterpret_cast<const Pack<T> *>(g)[c], up = reinterpret_cast<const Pack<T> *>(u)[c], op;
+#pragma unroll
+        for (int j = 0; j < V; j++) op.v[j] = swiglu_one(gp.v[j], up.v[j]);
+        reinterpret_cast<Pack<T> *>(o)[c] = op;
+      }
+    } else {
+      for (long long c = threadIdx.x; c < m; c += blockDim.x) o[c] = swiglu_one(g[c], u[c]);
+    }
+    if (tl.A) lora_tail(o, tl.A, tl.mask, (int)m, tl.R, tl.ld, r, tl.t, tl.mode);
+  }
 }
 
 // In place over attention scores x [B, H, T, S] (row-major, one block per row): scale, causal and
@@ -106,14 +168,15 @@ __device__ void masked_softmax(T *x, const unsigned int *pad, int heads, int t, 
 // in T. With `a`: the residual add first, sum = x + a (rounded to T, written to `sum`), normalised.
 // One block per row of `cols`; 16-byte loads (the caller checks cols % Pack::N == 0).
 template <typename T>
-__device__ void add_rms_norm(const T *x, const T *a, const T *w, T *sum, T *out, int cols, float eps) {
+__device__ void add_rms_norm(const T *x, const T *a, const T *w, T *sum, T *out, int cols, float eps, Tail<T> tl) {
   __shared__ float shared[32];
   constexpr int V = Pack<T>::N;
   long long row = blockIdx.x;
   const Pack<T> *xr = reinterpret_cast<const Pack<T> *>(x + row * cols);
   const Pack<T> *ar = a ? reinterpret_cast<const Pack<T> *>(a + row * cols) : nullptr;
   Pack<T> *sr = sum ? reinterpret_cast<Pack<T> *>(sum + row * cols) : nullptr;
-  Pack<T> *orow = reinterpret_cast<Pack<T> *>(out + row * cols);
+  T *o = out + row * (tl.A ? (long long)tl.ld : cols);
+  Pack<T> *orow = reinterpret_cast<Pack<T> *>(o);
   const Pack<T> *wr = reinterpret_cast<const Pack<T> *>(w);
   float ss = 0.0f;
   for (int c = threadIdx.x; c < cols / V; c += blockDim.x) {
@@ -135,6 +198,7 @@ __device__ void add_rms_norm(const T *x, const T *a, const T *w, T *sum, T *out,
     for (int j = 0; j < V; j++) p.v[j] = from_f<T>(to_f(q.v[j]) * round_t<T>(to_f(p.v[j]) * r));
     orow[c] = p;
   }
+  if (tl.A) lora_tail(o, tl.A, tl.mask, cols, tl.R, tl.ld, row, tl.t, tl.mode);
 }
 
 // The LoRA input of a linear with stacked adapters: out [N, in + R] = [x | h], h = x·Aᵀ (A [R, in],
@@ -144,57 +208,27 @@ __device__ void add_rms_norm(const T *x, const T *a, const T *w, T *sum, T *out,
 // With hd > 0, x is attention's output heads-first, [B, in / hd, t, hd], and is read as its merged
 // [N, in] form (the head merge and the copy in one pass).
 template <typename T>
-__device__ void lora_input(const T *x, const T *A, const T *mask, T *out, int in, int R, int t, int mode, int hd) {
-  __shared__ float shared[8][32];
+__device__ void lora_input(const T *x, const T *A, const T *mask, T *out, int in, int R, int ld, int t, int mode,
+                           int hd) {
   long long n = blockIdx.x;
-  T *o = out + n * (long long)(in + R);
+  T *o = out + n * (long long)ld;
   if (hd > 0) {
     long long b = n / t, ti = n - b * t, nh = in / hd;
     for (int c = threadIdx.x; c < in; c += blockDim.x) {
       int h = c / hd;
       o[c] = x[((b * nh + h) * t + ti) * hd + (c - h * hd)];
     }
-    __syncthreads();
   } else {
     for (int c = threadIdx.x; c < in; c += blockDim.x) o[c] = x[n * in + c];
   }
-  // The dot products read the merged row back from `o` (written by this block, L1/L2-resident).
-  const T *xr = hd > 0 ? o : x + n * in;
-  int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = (blockDim.x + 31) >> 5;
-  for (int r0 = 0; r0 < R; r0 += 8) {
-    float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-    int nr = min(8, R - r0);
-    if (mode != 2) {
-      for (int c = threadIdx.x; c < in; c += blockDim.x) {
-        float v = to_f(xr[c]);
-#pragma unroll
-        for (int j = 0; j < 8; j++)
-          if (j < nr) acc[j] += v * to_f(A[(long long)(r0 + j) * in + c]);
-      }
-    }
-#pragma unroll
-    for (int j = 0; j < 8; j++)
-      for (int off = 16; off > 0; off >>= 1) acc[j] += __shfl_xor_sync(0xffffffff, acc[j], off);
-    __syncthreads();
-    if (lane == 0)
-#pragma unroll
-      for (int j = 0; j < 8; j++) shared[j][warp] = acc[j];
-    __syncthreads();
-    if (threadIdx.x < nr) {
-      float v = 0.0f;
-      for (int k = 0; k < warps; k++) v += shared[threadIdx.x][k];
-      int r = r0 + threadIdx.x;
-      bool keep = mode == 0 || (mode == 1 && to_f(mask[(n / t) * R + r]) != 0.0f);
-      o[in + r] = from_f<T>(keep ? v : 0.0f);
-    }
-  }
+  lora_tail(o, A, mask, in, R, ld, n, t, mode);
 }
 
-// As lora_input, for shapes in whole 16-byte packs (in, in + R and hd multiples of Pack::N): ROWS
+// As lora_input, for shapes in whole 16-byte packs (in, ld and hd multiples of Pack::N): ROWS
 // token rows per block share each load of A, and every access is 16 bytes wide.
 template <typename T, int ROWS>
 __device__ void lora_input_packed(const T *x, const T *A, const T *mask, T *out, long long n_rows, int in, int R,
-                                  int t, int mode, int hd) {
+                                  int ld, int t, int mode, int hd) {
   constexpr int V = Pack<T>::N;
   __shared__ float shared[ROWS * 8][32];
   long long n0 = (long long)blockIdx.x * ROWS;
@@ -211,7 +245,7 @@ __device__ void lora_input_packed(const T *x, const T *A, const T *mask, T *out,
     } else {
       row_src[k] = x + n * in;
     }
-    row_dst[k] = reinterpret_cast<Pack<T> *>(out + n * (long long)(in + R));
+    row_dst[k] = reinterpret_cast<Pack<T> *>(out + n * (long long)ld);
   }
   bool dots = mode != 2;
   for (int r0 = 0; r0 < R; r0 += 8) {
@@ -268,9 +302,14 @@ __device__ void lora_input_packed(const T *x, const T *A, const T *mask, T *out,
         for (int w = 0; w < warps; w++) v += shared[threadIdx.x][w];
         int r = r0 + j;
         bool keep = mode == 0 || (mode == 1 && to_f(mask[(n / t) * R + r]) != 0.0f);
-        out[n * (long long)(in + R) + in + r] = from_f<T>(keep ? v : 0.0f);
+        out[n * (long long)ld + in + r] = from_f<T>(keep ? v : 0.0f);
       }
     }
+  }
+  for (int k = 0; k < ROWS; k++) {
+    long long n = n0 + k;
+    if (n < n_rows)
+      for (int c = in + R + threadIdx.x; c < ld; c += blockDim.x) out[n * (long long)ld + c] = from_f<T>(0.0f);
   }
 }
 
@@ -336,8 +375,9 @@ __device__ void qkv_rope(const T *qkv, const T *cos, const T *sin, T *out, int b
 }
 
 #define INSTANTIATE(T, SUFFIX)                                                                              \
-  extern "C" __global__ void swiglu_##SUFFIX(const T *gu, T *out, long long rows, long long m) {           \
-    swiglu<T>(gu, out, rows, m);                                                                            \
+  extern "C" __global__ void swiglu_##SUFFIX(const T *gu, T *out, long long rows, long long m, const T *A,     \
+                                             const T *mask, int R, int ld, int t, int mode) {               \
+    swiglu<T>(gu, out, rows, m, Tail<T>{A, mask, R, ld, t, mode});                                          \
   }                                                                                                         \
   extern "C" __global__ void masked_softmax_##SUFFIX(T *x, const unsigned int *pad, int heads, int t, int s, \
                                                      int offset, float scale, int cached) {                 \
@@ -348,16 +388,18 @@ __device__ void qkv_rope(const T *qkv, const T *cos, const T *sin, T *out, int b
     qkv_rope<T>(qkv, cos, sin, out, b, t, nh, kvh, d, rd);                                                  \
   }                                                                                                         \
   extern "C" __global__ void add_rms_norm_##SUFFIX(const T *x, const T *a, const T *w, T *sum, T *out, int cols, \
-                                                   float eps) {                                             \
-    add_rms_norm<T>(x, a, w, sum, out, cols, eps);                                                          \
+                                                   float eps, const T *A, const T *mask, int R, int ld, int t, \
+                                                   int mode) {                                              \
+    add_rms_norm<T>(x, a, w, sum, out, cols, eps, Tail<T>{A, mask, R, ld, t, mode});                        \
   }                                                                                                         \
   extern "C" __global__ void lora_input_##SUFFIX(const T *x, const T *A, const T *mask, T *out, int in, int R, \
-                                                 int t, int mode, int hd) {                                 \
-    lora_input<T>(x, A, mask, out, in, R, t, mode, hd);                                                     \
+                                                 int ld, int t, int mode, int hd) {                         \
+    lora_input<T>(x, A, mask, out, in, R, ld, t, mode, hd);                                                 \
   }                                                                                                         \
   extern "C" __global__ void lora_input_packed_##SUFFIX(const T *x, const T *A, const T *mask, T *out,           \
-                                                        long long n_rows, int in, int R, int t, int mode, int hd) { \
-    lora_input_packed<T, 2>(x, A, mask, out, n_rows, in, R, t, mode, hd);                                   \
+                                                        long long n_rows, int in, int R, int ld, int t, int mode, \
+                                                        int hd) {                                           \
+    lora_input_packed<T, 2>(x, A, mask, out, n_rows, in, R, ld, t, mode, hd);                               \
   }                                                                                                         \
   extern "C" __global__ void target_logprob_##SUFFIX(const T *logits, const unsigned int *tgt, float *out, int v) { \
     target_logprob<T>(logits, tgt, out, v);                                                                 \

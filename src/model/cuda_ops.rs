@@ -109,12 +109,119 @@ fn contiguous(l: &Layout, what: &str) -> candle_core::Result<(usize, usize)> {
     l.contiguous_offsets().ok_or_else(|| candle_core::Error::Msg(format!("{what}: input must be contiguous")))
 }
 
-/// silu(gate) · up for a fused gate/up output [.., 2m] → [.., m].
-pub fn swiglu(gu: &Tensor) -> candle_core::Result<Tensor> {
-    gu.apply_op1_no_bwd(&SwiGlu)
+/// How the rows of a batch use a LoRA stack.
+#[derive(Clone)]
+pub enum LoraRows {
+    /// Every row keeps x·Aᵀ.
+    All,
+    /// Per batch row and rank column, 1 keeps, 0 drops: [B, 1, R] in the model dtype.
+    Masked(Tensor),
+    /// No row uses the stack: h = 0.
+    None,
 }
 
-struct SwiGlu;
+/// The LoRA columns of a linear's input, appended by the kernel that writes the input (a norm,
+/// SwiGLU, or the head merge): rows [x | h | 0], h = x·Aᵀ kept per `rows`, `width` ≥ R columns after
+/// x (the rank padded so that the GEMM's k is a multiple of 64). x has `t` token rows per batch row.
+#[derive(Clone)]
+pub struct LoraTail {
+    /// [R, in], scaling folded in.
+    pub a: Tensor,
+    pub rows: LoraRows,
+    pub width: usize,
+    pub t: usize,
+}
+
+/// A tail's kernel arguments (kernels/fused.cu `Tail`): A, mask, R, ld, t, mode; null A for none.
+struct TailArgs<'a, T> {
+    a: Option<CudaView<'a, T>>,
+    mask: Option<CudaView<'a, T>>,
+    ints: [i32; 4],
+    null: u64,
+}
+
+impl<'a, T: DeviceRepr> TailArgs<'a, T> {
+    fn push(&'a self, b: &mut candle_core::cuda_backend::cudarc::driver::LaunchArgs<'a>) {
+        match &self.a {
+            Some(a) => b.arg(a),
+            None => b.arg(&self.null),
+        };
+        match &self.mask {
+            Some(m) => b.arg(m),
+            None => b.arg(&self.null),
+        };
+        for v in &self.ints {
+            b.arg(v);
+        }
+    }
+}
+
+/// Runs `f` with the kernel arguments of `tail` for rows of `inp` values (`rows` token rows; without
+/// a tail, ld = inp). The tail's tensors stay locked for reading while `f` launches.
+fn with_tail<T: CudaDType + DeviceRepr, R>(
+    tail: Option<&LoraTail>,
+    inp: usize,
+    rows: usize,
+    f: impl FnOnce(&TailArgs<T>, usize) -> candle_core::Result<R>,
+) -> candle_core::Result<R> {
+    let Some(tl) = tail else {
+        return f(&TailArgs { a: None, mask: None, ints: [0, inp as i32, 1, 2], null: 0 }, inp);
+    };
+    let (r, a_in) = tl.a.dims2()?;
+    if a_in != inp || tl.width < r || tl.t == 0 || !rows.is_multiple_of(tl.t) {
+        candle_core::bail!(
+            "lora tail: A {:?} for rows of {inp}, width {}, {} tokens per row",
+            tl.a.dims(),
+            tl.width,
+            tl.t
+        );
+    }
+    let cuda = |g: &'_ candle_core::Storage| -> candle_core::Result<()> {
+        match g {
+            candle_core::Storage::Cuda(_) => Ok(()),
+            _ => candle_core::bail!("lora tail: tensors must be on the GPU"),
+        }
+    };
+    let (ga, la) = tl.a.storage_and_layout();
+    cuda(&ga)?;
+    let mask = match &tl.rows {
+        LoraRows::Masked(m) => {
+            if m.elem_count() != (rows / tl.t) * r {
+                candle_core::bail!("lora tail: mask {:?} for {} rows of rank {r}", m.dims(), rows / tl.t);
+            }
+            Some(m.storage_and_layout())
+        }
+        _ => None,
+    };
+    let mode = match tl.rows {
+        LoraRows::All => 0,
+        LoraRows::Masked(_) => 1,
+        LoraRows::None => 2,
+    };
+    let av = match &*ga {
+        candle_core::Storage::Cuda(s) => view::<T>(s, la, "lora A", 1)?,
+        _ => candle_core::bail!("lora tail: A must be on the GPU"),
+    };
+    let mv = match &mask {
+        Some((g, l)) => match &**g {
+            candle_core::Storage::Cuda(s) => Some(view::<T>(s, l, "lora mask", 1)?),
+            _ => candle_core::bail!("lora tail: the mask must be on the GPU"),
+        },
+        None => None,
+    };
+    let ld = inp + tl.width;
+    f(&TailArgs { a: Some(av), mask: mv, ints: [r as i32, ld as i32, tl.t as i32, mode], null: 0 }, ld)
+}
+
+/// silu(gate) · up for a fused gate/up output [.., 2m] → [.., m], or [.., m + width] with the
+/// down projection's LoRA columns appended (`tail`).
+pub fn swiglu(gu: &Tensor, tail: Option<&LoraTail>) -> candle_core::Result<Tensor> {
+    gu.apply_op1_no_bwd(&SwiGlu { tail: tail.cloned() })
+}
+
+struct SwiGlu {
+    tail: Option<LoraTail>,
+}
 
 impl SwiGlu {
     fn go<T: CudaDType + DeviceRepr>(
@@ -123,28 +230,31 @@ impl SwiGlu {
         l: &Layout,
         rows: usize,
         m: usize,
-    ) -> candle_core::Result<CudaStorage> {
+    ) -> candle_core::Result<(CudaStorage, usize)> {
         let dev = s.device().clone();
         // The kernel's 16-byte loads (used when m is whole packs) need a pack-aligned start.
         let align = if m.is_multiple_of(pack(s.dtype())) { pack(s.dtype()) } else { 1 };
         let src = view::<T>(s, l, "swiglu", align)?;
-        // SAFETY: every element is written by the kernel.
-        let out = unsafe { dev.alloc::<T>(rows * m)? };
         let func = dev.get_or_load_custom_func(&format!("swiglu_{}", suffix(s.dtype())?), MODULE, PTX)?;
         let cfg = LaunchConfig {
             grid_dim: (rows.clamp(1, 1 << 30) as u32, 1, 1),
             block_dim: (256, 1, 1),
             shared_mem_bytes: 0,
         };
-        let mut b = func.builder();
-        let (rows, m) = (rows as i64, m as i64);
-        b.arg(&src);
-        b.arg(&out);
-        b.arg(&rows);
-        b.arg(&m);
-        // SAFETY: argument types match the kernel's signature; one block per row.
-        unsafe { b.launch(cfg) }.w()?;
-        Ok(CudaStorage::wrap_cuda_slice(out, dev))
+        with_tail::<T, _>(self.tail.as_ref(), m, rows, |tail, ld| {
+            // SAFETY: every element is written by the kernel.
+            let out = unsafe { dev.alloc::<T>(rows * ld)? };
+            let mut b = func.builder();
+            let (rows_i, m_i) = (rows as i64, m as i64);
+            b.arg(&src);
+            b.arg(&out);
+            b.arg(&rows_i);
+            b.arg(&m_i);
+            tail.push(&mut b);
+            // SAFETY: argument types match the kernel's signature; one block per row.
+            unsafe { b.launch(cfg) }.w()?;
+            Ok((CudaStorage::wrap_cuda_slice(out, dev.clone()), ld))
+        })
     }
 }
 
@@ -156,8 +266,8 @@ impl CustomOp1 for SwiGlu {
         let two_m = dims.pop().unwrap_or(0);
         let m = two_m / 2;
         let rows = l.shape().elem_count() / two_m.max(1);
-        dims.push(m);
-        let out = by_dtype!(s.dtype(), T => self.go::<T>(s, l, rows, m)?);
+        let (out, ld) = by_dtype!(s.dtype(), T => self.go::<T>(s, l, rows, m)?);
+        dims.push(ld);
         Ok((out, Shape::from(dims)))
     }
 }
@@ -362,20 +472,34 @@ pub fn row_kernel_fits(cols: usize, dtype: DType) -> bool {
     matches!(dtype, DType::BF16 | DType::F16 | DType::F32) && cols.is_multiple_of(pack(dtype))
 }
 
-/// RMSNorm of x [.., H] with weight [H], rounded as transformers' Glm4RMSNorm.
-pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f32) -> candle_core::Result<Tensor> {
-    x.apply_op2_no_bwd(w, &AddRmsNorm { eps })
+/// RMSNorm of x [.., H] with weight [H], rounded as transformers' Glm4RMSNorm; with `tail`,
+/// [.., H + width] carrying the next linear's LoRA columns.
+pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f32, tail: Option<&LoraTail>) -> candle_core::Result<Tensor> {
+    x.apply_op2_no_bwd(w, &AddRmsNorm { eps, tail: tail.cloned() })
 }
 
-/// (x + a, RMSNorm(x + a)) for x, a [.., H]: the residual add fused with the next norm.
-pub fn add_rms_norm(x: &Tensor, a: &Tensor, w: &Tensor, eps: f32) -> candle_core::Result<(Tensor, Tensor)> {
-    let flat = x.apply_op3_no_bwd(a, w, &AddRmsNorm { eps })?;
+/// (x + a, RMSNorm(x + a)) for x, a [.., H]: the residual add fused with the next norm (whose
+/// output carries the next linear's LoRA columns with `tail`).
+pub fn add_rms_norm(
+    x: &Tensor,
+    a: &Tensor,
+    w: &Tensor,
+    eps: f32,
+    tail: Option<&LoraTail>,
+) -> candle_core::Result<(Tensor, Tensor)> {
+    let flat = x.apply_op3_no_bwd(a, w, &AddRmsNorm { eps, tail: tail.cloned() })?;
     let n = x.elem_count();
-    Ok((flat.narrow(0, 0, n)?.reshape(x.shape())?, flat.narrow(0, n, n)?.reshape(x.shape())?))
+    let mut dims = x.dims().to_vec();
+    if let (Some(last), Some(tl)) = (dims.last_mut(), tail) {
+        *last += tl.width;
+    }
+    let norm = flat.narrow(0, n, flat.elem_count() - n)?.reshape(dims)?;
+    Ok((flat.narrow(0, 0, n)?.reshape(x.shape())?, norm))
 }
 
 struct AddRmsNorm {
     eps: f32,
+    tail: Option<LoraTail>,
 }
 
 impl AddRmsNorm {
@@ -388,6 +512,7 @@ impl AddRmsNorm {
         Ok((xl.shape().elem_count() / cols.max(1), cols))
     }
 
+    /// Runs the kernel; returns the output ([sum | norm] with `a`, else norm) and the norm's row width.
     #[allow(clippy::too_many_arguments)]
     fn go<T: CudaDType + DeviceRepr>(
         &self,
@@ -395,41 +520,44 @@ impl AddRmsNorm {
         a: Option<(&CudaStorage, &Layout)>,
         w: (&CudaStorage, &Layout),
         (rows, cols): (usize, usize),
-    ) -> candle_core::Result<CudaStorage> {
+    ) -> candle_core::Result<(CudaStorage, usize)> {
         let dev = x.0.device().clone();
         let v = pack(x.0.dtype());
         let xv = view::<T>(x.0, x.1, "rms norm", v)?;
         let wv = view::<T>(w.0, w.1, "rms norm weight", v)?;
         let av = a.map(|(s, l)| view::<T>(s, l, "residual", v)).transpose()?;
         let n = rows * cols;
-        let parts = if av.is_some() { 2 } else { 1 };
-        // SAFETY: every element is written by the kernel.
-        let mut out = unsafe { dev.alloc::<T>(parts * n)? };
         let name = format!("add_rms_norm_{}", suffix(x.0.dtype())?);
         let func = dev.get_or_load_custom_func(&name, MODULE, PTX)?;
         let cfg = LaunchConfig { grid_dim: (rows.max(1) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
-        let (cols_i, null) = (cols as i32, 0u64);
-        {
-            let (mut sum, mut norm) = out.split_at_mut(if av.is_some() { n } else { 0 });
-            let mut b = func.builder();
-            b.arg(&xv);
-            match &av {
-                Some(a) => b.arg(a),
-                None => b.arg(&null),
-            };
-            b.arg(&wv);
-            if av.is_some() {
-                b.arg(&mut sum);
-            } else {
-                b.arg(&null);
+        with_tail::<T, _>(self.tail.as_ref(), cols, rows, |tail, ld| {
+            let sum_len = if av.is_some() { n } else { 0 };
+            // SAFETY: every element is written by the kernel.
+            let mut out = unsafe { dev.alloc::<T>(sum_len + rows * ld)? };
+            let (cols_i, null) = (cols as i32, 0u64);
+            {
+                let (mut sum, mut norm) = out.split_at_mut(sum_len);
+                let mut b = func.builder();
+                b.arg(&xv);
+                match &av {
+                    Some(a) => b.arg(a),
+                    None => b.arg(&null),
+                };
+                b.arg(&wv);
+                if av.is_some() {
+                    b.arg(&mut sum);
+                } else {
+                    b.arg(&null);
+                }
+                b.arg(&mut norm);
+                b.arg(&cols_i);
+                b.arg(&self.eps);
+                tail.push(&mut b);
+                // SAFETY: argument types match the kernel's signature; one block per row.
+                unsafe { b.launch(cfg) }.w()?;
             }
-            b.arg(&mut norm);
-            b.arg(&cols_i);
-            b.arg(&self.eps);
-            // SAFETY: argument types match the kernel's signature; one block per row.
-            unsafe { b.launch(cfg) }.w()?;
-        }
-        Ok(CudaStorage::wrap_cuda_slice(out, dev))
+            Ok((CudaStorage::wrap_cuda_slice(out, dev.clone()), ld))
+        })
     }
 }
 
@@ -444,8 +572,12 @@ impl CustomOp2 for AddRmsNorm {
         wl: &Layout,
     ) -> candle_core::Result<(CudaStorage, Shape)> {
         let dims = self.dims(xl, wl, x.dtype())?;
-        let out = by_dtype!(x.dtype(), T => self.go::<T>((x, xl), None, (w, wl), dims)?);
-        Ok((out, xl.shape().clone()))
+        let (out, ld) = by_dtype!(x.dtype(), T => self.go::<T>((x, xl), None, (w, wl), dims)?);
+        let mut shape = xl.dims().to_vec();
+        if let Some(last) = shape.last_mut() {
+            *last = ld;
+        }
+        Ok((out, Shape::from(shape)))
     }
 }
 
@@ -465,137 +597,87 @@ impl CustomOp3 for AddRmsNorm {
             candle_core::bail!("add + rms norm: {:?} + {:?}", xl.dims(), al.dims());
         }
         let dims = self.dims(xl, wl, x.dtype())?;
-        let out = by_dtype!(x.dtype(), T => self.go::<T>((x, xl), Some((a, al)), (w, wl), dims)?);
-        Ok((out, Shape::from(2 * xl.shape().elem_count())))
+        let (out, ld) = by_dtype!(x.dtype(), T => self.go::<T>((x, xl), Some((a, al)), (w, wl), dims)?);
+        Ok((out, Shape::from(dims.0 * (dims.1 + ld))))
     }
 }
 
-/// How the rows of a batch use a LoRA stack (see `lora_input`).
-pub enum LoraRows<'a> {
-    /// Every row keeps x·Aᵀ.
-    All,
-    /// Per batch row and rank column, 1 keeps, 0 drops: [B, 1, R] in the model dtype.
-    Masked(&'a Tensor),
-    /// No row uses the stack: h = 0.
-    None,
-}
-
-/// [x | h] for x [N, in] (N = B·t token rows), A [R, in]: h = x·Aᵀ where `rows` keeps it, else 0 →
-/// [N, in + R], the input of a linear whose weight is [W | B]. With `head_dim`, x is attention's
-/// heads-first output [B, in / head_dim, t, head_dim] instead, merged on the way.
-pub fn lora_input(
-    x: &Tensor,
-    a: &Tensor,
-    rows: LoraRows,
-    t: usize,
-    head_dim: Option<usize>,
-) -> candle_core::Result<Tensor> {
+/// [x | h | 0] for x [N, in] (N = B·t token rows) and `tail` (see `LoraTail`) → [N, in + width],
+/// the input of a linear whose weight is [W | B | 0]. With `head_dim`, x is attention's heads-first
+/// output [B, in / head_dim, t, head_dim] instead, merged on the way.
+pub fn lora_input(x: &Tensor, tail: &LoraTail, head_dim: Option<usize>) -> candle_core::Result<Tensor> {
     let x = if head_dim.is_some() {
         let (b, nh, t, d) = x.dims4()?;
         x.contiguous()?.reshape((b * t, nh * d))?
     } else {
         x.contiguous()?
     };
-    let op = |mode| LoraInput { mode, t, hd: head_dim.unwrap_or(0) };
-    match rows {
-        LoraRows::Masked(m) => x.apply_op3_no_bwd(a, &m.contiguous()?, &op(1)),
-        LoraRows::All => x.apply_op2_no_bwd(a, &op(0)),
-        LoraRows::None => x.apply_op2_no_bwd(a, &op(2)),
-    }
+    x.apply_op1_no_bwd(&LoraInput { tail: tail.clone(), hd: head_dim.unwrap_or(0) })
 }
 
 struct LoraInput {
-    mode: i32,
-    t: usize,
+    tail: LoraTail,
     /// > 0: x is heads-first [B, in / hd, t, hd] (viewed as [N, in] only for its element count).
     hd: usize,
 }
 
 impl LoraInput {
-    fn go<T: CudaDType + DeviceRepr>(
-        &self,
-        x: (&CudaStorage, &Layout),
-        a: (&CudaStorage, &Layout),
-        mask: Option<(&CudaStorage, &Layout)>,
-    ) -> candle_core::Result<(CudaStorage, Shape)> {
+    fn go<T: CudaDType + DeviceRepr>(&self, x: (&CudaStorage, &Layout)) -> candle_core::Result<(CudaStorage, Shape)> {
         let (n, inp) = x.1.shape().dims2()?;
-        let (r, a_in) = a.1.shape().dims2()?;
-        if a_in != inp || self.t == 0 || !n.is_multiple_of(self.t) || (self.hd > 0 && !inp.is_multiple_of(self.hd)) {
-            candle_core::bail!("lora input: x {:?}, A {:?}, {} tokens per row", x.1.dims(), a.1.dims(), self.t);
-        }
-        if let Some((_, ml)) = mask {
-            if ml.shape().elem_count() != (n / self.t) * r {
-                candle_core::bail!("lora input: mask {:?} for {} rows of rank {r}", ml.dims(), n / self.t);
-            }
+        if self.hd > 0 && !inp.is_multiple_of(self.hd) {
+            candle_core::bail!("lora input: x {:?} with heads of {}", x.1.dims(), self.hd);
         }
         let dev = x.0.device().clone();
         let xv = view::<T>(x.0, x.1, "lora input", 1)?;
-        let av = view::<T>(a.0, a.1, "lora A", 1)?;
-        let mv = mask.map(|(s, l)| view::<T>(s, l, "lora mask", 1)).transpose()?;
-        // SAFETY: every element is written by the kernel.
-        let out = unsafe { dev.alloc::<T>(n * (inp + r))? };
-        // The packed kernel (2 rows per block sharing A, 16-byte accesses) where the shapes are whole packs.
-        let v = pack(x.0.dtype());
-        let packed = inp.is_multiple_of(v)
-            && (inp + r).is_multiple_of(v)
-            && self.hd.is_multiple_of(v)
-            && contiguous(x.1, "lora input")?.0.is_multiple_of(v)
-            && contiguous(a.1, "lora A")?.0.is_multiple_of(v);
-        const ROWS: usize = 2; // rows per block of the packed kernel (kernels/fused.cu)
-        let name = format!("lora_input{}_{}", if packed { "_packed" } else { "" }, suffix(x.0.dtype())?);
-        let func = dev.get_or_load_custom_func(&name, MODULE, PTX)?;
-        let blocks = if packed { n.div_ceil(ROWS) } else { n };
-        let cfg = LaunchConfig { grid_dim: (blocks.max(1) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
-        let ints = [inp as i32, r as i32, self.t as i32, self.mode, self.hd as i32];
-        let null = 0u64;
-        let n_rows = n as i64;
-        let mut b = func.builder();
-        b.arg(&xv);
-        b.arg(&av);
-        match &mv {
-            Some(m) => b.arg(m),
-            None => b.arg(&null),
-        };
-        b.arg(&out);
-        if packed {
-            b.arg(&n_rows);
-        }
-        for v in &ints {
-            b.arg(v);
-        }
-        // SAFETY: argument types match the kernel's signature; one block per token row.
-        unsafe { b.launch(cfg) }.w()?;
-        Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from((n, inp + r))))
+        let (a_offset, _) = contiguous(self.tail.a.layout(), "lora A")?;
+        with_tail::<T, _>(Some(&self.tail), inp, n, |tail, ld| {
+            // SAFETY: every element is written by the kernel.
+            let out = unsafe { dev.alloc::<T>(n * ld)? };
+            // The packed kernel (2 rows per block sharing A, 16-byte accesses) where the shapes are whole packs.
+            let v = pack(x.0.dtype());
+            let packed = inp.is_multiple_of(v)
+                && ld.is_multiple_of(v)
+                && self.hd.is_multiple_of(v)
+                && contiguous(x.1, "lora input")?.0.is_multiple_of(v)
+                && a_offset.is_multiple_of(v);
+            const ROWS: usize = 2; // rows per block of the packed kernel (kernels/fused.cu)
+            let name = format!("lora_input{}_{}", if packed { "_packed" } else { "" }, suffix(x.0.dtype())?);
+            let func = dev.get_or_load_custom_func(&name, MODULE, PTX)?;
+            let blocks = if packed { n.div_ceil(ROWS) } else { n };
+            let cfg =
+                LaunchConfig { grid_dim: (blocks.max(1) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+            let [r, ld_i, t, mode] = tail.ints;
+            let n_rows = n as i64;
+            let (inp_i, hd) = (inp as i32, self.hd as i32);
+            let mut b = func.builder();
+            b.arg(&xv);
+            match &tail.a {
+                Some(a) => b.arg(a),
+                None => b.arg(&tail.null),
+            };
+            match &tail.mask {
+                Some(m) => b.arg(m),
+                None => b.arg(&tail.null),
+            };
+            b.arg(&out);
+            if packed {
+                b.arg(&n_rows);
+            }
+            for v in [&inp_i, &r, &ld_i, &t, &mode, &hd] {
+                b.arg(v);
+            }
+            // SAFETY: argument types match the kernel's signature; one block per token row (or two).
+            unsafe { b.launch(cfg) }.w()?;
+            Ok((CudaStorage::wrap_cuda_slice(out, dev.clone()), Shape::from((n, ld))))
+        })
     }
 }
 
-impl CustomOp2 for LoraInput {
-    cuda_only!(op2, "fused-lora-input");
+impl CustomOp1 for LoraInput {
+    cuda_only!(op1, "fused-lora-input");
 
-    fn cuda_fwd(
-        &self,
-        x: &CudaStorage,
-        xl: &Layout,
-        a: &CudaStorage,
-        al: &Layout,
-    ) -> candle_core::Result<(CudaStorage, Shape)> {
-        by_dtype!(x.dtype(), T => self.go::<T>((x, xl), (a, al), None))
-    }
-}
-
-impl CustomOp3 for LoraInput {
-    cuda_only!(op3, "fused-lora-input-masked");
-
-    fn cuda_fwd(
-        &self,
-        x: &CudaStorage,
-        xl: &Layout,
-        a: &CudaStorage,
-        al: &Layout,
-        m: &CudaStorage,
-        ml: &Layout,
-    ) -> candle_core::Result<(CudaStorage, Shape)> {
-        by_dtype!(x.dtype(), T => self.go::<T>((x, xl), (a, al), Some((m, ml))))
+    fn cuda_fwd(&self, x: &CudaStorage, xl: &Layout) -> candle_core::Result<(CudaStorage, Shape)> {
+        by_dtype!(x.dtype(), T => self.go::<T>((x, xl)))
     }
 }
 

@@ -9,7 +9,7 @@ use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor, D};
 
 use super::config::{Layout, ModelConfig};
-use super::lora::{Linear, LoraDelta, LoraStack, RowSelection};
+use super::lora::{Linear, LoraDelta, LoraStack, LoraTail, RowSelection};
 use super::profile;
 use super::weights::TensorSource;
 
@@ -387,18 +387,25 @@ impl Glm {
     ) -> Result<(Tensor, Tensor)> {
         let sel = ctx.sel;
         let dev = &self.device;
-        let (x, h) = profile::section("norm_residual", dev, || self.add_norm(x, pending, &l.input_norm))?;
+        // On CUDA the norms and SwiGLU also write the next linear's LoRA columns (`Linear::tail`).
+        let t = x.dim(1)?;
+        let fused = self.fused();
+        let tail = |lin: &Linear, on: bool| if on { lin.tail(sel, t) } else { Ok(None) };
+        let qkv_tail = tail(&l.qkv, self.fused_norm())?;
+        let (x, h) =
+            profile::section("norm_residual", dev, || self.add_norm(x, pending, &l.input_norm, qkv_tail.as_ref()))?;
         let mut a = self.attention(l, &h, ctx, kv)?;
+        let gate_up_tail = tail(&l.gate_up, self.fused_norm())?;
         let (x, h) = profile::section("norm_residual", dev, || {
             if let Some(n) = &l.post_self_attn_norm {
                 a = self.rms_norm(&a, n)?;
             }
-            self.add_norm(&x, Some(&a), &l.post_attn_norm)
+            self.add_norm(&x, Some(&a), &l.post_attn_norm, gate_up_tail.as_ref())
         })?;
-        let fused = self.fused();
         let gu = l.gate_up.forward(&h, sel, fused)?;
         let m = self.cfg.intermediate_size;
-        let act = profile::section("swiglu", dev, || self.swiglu(&gu, m))?;
+        let down_tail = tail(&l.down, fused)?;
+        let act = profile::section("swiglu", dev, || self.swiglu(&gu, m, down_tail.as_ref()))?;
         let mut d = l.down.forward(&act, sel, fused)?;
         if let Some(n) = &l.post_mlp_norm {
             d = profile::section("norm_residual", dev, || self.rms_norm(&d, n))?;
@@ -406,13 +413,22 @@ impl Glm {
         Ok((x, d))
     }
 
-    /// (x + a, RMSNorm(x + a)·w), or (x, RMSNorm(x)·w) without `a`; one kernel on CUDA.
-    fn add_norm(&self, x: &Tensor, a: Option<&Tensor>, w: &Tensor) -> Result<(Tensor, Tensor)> {
+    /// (x + a, RMSNorm(x + a)·w), or (x, RMSNorm(x)·w) without `a`; one kernel on CUDA, whose norm
+    /// output also carries `tail` (the next linear's LoRA columns).
+    #[allow(unused_variables)]
+    fn add_norm(
+        &self,
+        x: &Tensor,
+        a: Option<&Tensor>,
+        w: &Tensor,
+        tail: Option<&LoraTail>,
+    ) -> Result<(Tensor, Tensor)> {
         #[cfg(feature = "cuda")]
         if self.fused_norm() {
+            let eps = self.cfg.rms_eps as f32;
             return Ok(match a {
-                Some(a) => super::cuda_ops::add_rms_norm(x, a, w, self.cfg.rms_eps as f32)?,
-                None => (x.clone(), super::cuda_ops::rms_norm(x, w, self.cfg.rms_eps as f32)?),
+                Some(a) => super::cuda_ops::add_rms_norm(x, a, w, eps, tail)?,
+                None => (x.clone(), super::cuda_ops::rms_norm(x, w, eps, tail)?),
             });
         }
         let x = match a {
@@ -518,16 +534,20 @@ impl Glm {
     }
 
     /// Whether norms run as the fused kernel (its 16-byte loads need a hidden size in whole packs).
-    #[cfg(feature = "cuda")]
     fn fused_norm(&self) -> bool {
-        self.fused() && super::cuda_ops::row_kernel_fits(self.cfg.hidden_size, self.dtype)
+        #[cfg(feature = "cuda")]
+        return self.fused() && super::cuda_ops::row_kernel_fits(self.cfg.hidden_size, self.dtype);
+        #[cfg(not(feature = "cuda"))]
+        false
     }
 
-    /// silu(gate) · up of the fused gate/up output [.., 2m] → [.., m].
-    fn swiglu(&self, gu: &Tensor, m: usize) -> Result<Tensor> {
+    /// silu(gate) · up of the fused gate/up output [.., 2m] → [.., m] (on CUDA [.., m + width] with
+    /// the down projection's LoRA columns `tail`).
+    #[allow(unused_variables)]
+    fn swiglu(&self, gu: &Tensor, m: usize, tail: Option<&LoraTail>) -> Result<Tensor> {
         #[cfg(feature = "cuda")]
         if self.fused() {
-            return Ok(super::cuda_ops::swiglu(&gu.contiguous()?)?);
+            return Ok(super::cuda_ops::swiglu(&gu.contiguous()?, tail)?);
         }
         Ok((candle_nn::ops::silu(&gu.narrow(D::Minus1, 0, m)?)? * gu.narrow(D::Minus1, m, m)?)?)
     }
@@ -544,7 +564,7 @@ impl Glm {
         let eps = self.cfg.rms_eps as f32;
         #[cfg(feature = "cuda")]
         if self.fused_norm() {
-            return Ok(super::cuda_ops::rms_norm(x, w, eps)?);
+            return Ok(super::cuda_ops::rms_norm(x, w, eps, None)?);
         }
         Ok(if self.differentiable {
             candle_nn::ops::rms_norm_slow(x, w, eps)?

@@ -11,6 +11,12 @@ use std::collections::HashMap;
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor};
 
+#[cfg(feature = "cuda")]
+pub use super::cuda_ops::LoraTail;
+/// Without CUDA no kernel appends the side path's columns: never constructed.
+#[cfg(not(feature = "cuda"))]
+pub enum LoraTail {}
+
 /// One low-rank delta on (part of) a fused linear: rows `out_start..out_start+b.rows` of its output.
 #[derive(Debug, Clone)]
 pub struct LoraDelta {
@@ -42,9 +48,13 @@ pub struct Segment {
 pub struct LoraStack {
     /// [ΣR, in] in the model dtype, scale folded in.
     pub a: Tensor,
-    /// [out, ΣR] in the model dtype.
+    /// [out, width] in the model dtype: ΣR columns, then zeros up to `width`.
     pub b: Tensor,
     pub segments: Vec<Segment>,
+    /// Columns the side path adds to the linear's input. On CUDA, ΣR padded so that in + width is
+    /// a multiple of 64: cuBLAS's kernels run k in steps of 64, and k = 4096 + 8 costs 5–10% of a
+    /// GEMM's speed against k = 4096 + 64 (examples/gemm_shapes on an H200).
+    pub width: usize,
 }
 
 impl LoraStack {
@@ -79,11 +89,15 @@ impl LoraStack {
         if segments.is_empty() {
             return Ok(None);
         }
-        Ok(Some(LoraStack {
-            a: Tensor::cat(&a_rows, 0)?.to_dtype(dtype)?.to_device(device)?,
-            b: Tensor::cat(&b_cols, 1)?.to_dtype(dtype)?.to_device(device)?,
-            segments,
-        }))
+        let a = Tensor::cat(&a_rows, 0)?;
+        let inp = a.dim(1)?;
+        let width = if device.is_cuda() { (inp + start).next_multiple_of(64) - inp } else { start };
+        let mut b = Tensor::cat(&b_cols, 1)?.to_dtype(dtype)?.to_device(device)?;
+        if width > start {
+            // Padded on the device: the zeros are most of B's columns.
+            b = Tensor::cat(&[&b, &Tensor::zeros((out, width - start), dtype, device)?], 1)?;
+        }
+        Ok(Some(LoraStack { a: a.to_dtype(dtype)?.to_device(device)?, b, segments, width }))
     }
 
     pub fn rank(&self) -> usize {
@@ -144,12 +158,12 @@ enum Mask {
 
 /// A linear layer y = x·Wᵀ + bias (+ LoRA side path).
 ///
-/// With adapters attached the weight is stored augmented, [W | B] of shape [out, in + ΣR], and the
+/// With adapters attached the weight is stored augmented, [W | B] of shape [out, in + width], and the
 /// side path rides the main GEMM: y = [x | h]·[W | B]ᵀ with h = (x·Aᵀ) masked per row. One GEMM
 /// with f32 accumulation instead of a second low-rank GEMM and two passes over [N, out].
 #[derive(Debug, Clone)]
 pub struct Linear {
-    /// [out, in], or [out, in + ΣR] when `lora` is set.
+    /// [out, in], or [out, in + width] when `lora` is set.
     weight: Tensor,
     in_features: usize,
     /// [out]
@@ -183,12 +197,15 @@ impl Linear {
         Ok(())
     }
 
-    /// x: [B, T, in] → [B, T, out]. `fused`: build [x | h] with one CUDA kernel (cuda_ops::lora_input).
+    /// x: [B, T, in] → [B, T, out]. With adapters attached, x may already carry the side path's
+    /// columns, [B, T, in + width] (written by the kernel that produced x, see `tail`); otherwise they
+    /// are appended here (`fused`: by one CUDA kernel).
     pub fn forward(&self, x: &Tensor, sel: &RowSelection, fused: bool) -> Result<Tensor> {
         let (b, t, inp) = x.dims3()?;
         let x2 = x.reshape((b * t, inp))?;
         let input = match &self.lora {
             None => x2,
+            Some(stack) if inp == self.in_features + stack.width => x2,
             Some(stack) => self.lora_input(&x2, None, stack, sel, t, fused)?,
         };
         self.gemm(&input, b, t, x.device())
@@ -208,7 +225,27 @@ impl Linear {
         self.forward(&merged, sel, fused)
     }
 
-    /// [x | h]: x [N, in] (or heads-first [B, nh, t, D] with `head_dim`) and its masked x·Aᵀ.
+    /// What a CUDA kernel producing this linear's input (t tokens per batch row) appends to each
+    /// row for the side path; None without adapters.
+    #[cfg(feature = "cuda")]
+    pub fn tail(&self, sel: &RowSelection, t: usize) -> Result<Option<LoraTail>> {
+        use super::cuda_ops::LoraRows;
+        let Some(stack) = &self.lora else { return Ok(None) };
+        let rows = match sel.mask(stack)? {
+            Mask::Skip => LoraRows::None,
+            Mask::All => LoraRows::All,
+            Mask::Rows(m) => LoraRows::Masked(m),
+        };
+        Ok(Some(LoraTail { a: stack.a.clone(), rows, width: stack.width, t }))
+    }
+
+    #[cfg(not(feature = "cuda"))]
+    pub fn tail(&self, _sel: &RowSelection, _t: usize) -> Result<Option<LoraTail>> {
+        Ok(None)
+    }
+
+    /// [x | h | 0]: x [N, in] (or heads-first [B, nh, t, D] with `head_dim`), its masked x·Aᵀ, zeros
+    /// up to the stack's width.
     #[allow(unused_variables)]
     fn lora_input(
         &self,
@@ -223,14 +260,9 @@ impl Linear {
         super::profile::section("lora", dev, || {
             #[cfg(feature = "cuda")]
             if fused {
-                use super::cuda_ops::{lora_input, LoraRows};
-                let mask = sel.mask(stack)?;
-                let rows = match &mask {
-                    Mask::Skip => LoraRows::None,
-                    Mask::All => LoraRows::All,
-                    Mask::Rows(m) => LoraRows::Masked(m),
-                };
-                return Ok(lora_input(x, &stack.a, rows, t, head_dim)?);
+                if let Some(tail) = self.tail(sel, t)? {
+                    return Ok(super::cuda_ops::lora_input(x, &tail, head_dim)?);
+                }
             }
             if head_dim.is_some() {
                 anyhow::bail!("heads-first LoRA input needs the fused CUDA kernel");
@@ -243,11 +275,15 @@ impl Linear {
                 Mask::All => x.matmul(&stack.a.t()?)?,
                 Mask::Rows(m) => x.matmul(&stack.a.t()?)?.reshape((b, t, r))?.broadcast_mul(&m)?.reshape((n, r))?,
             };
+            if stack.width > r {
+                let pad = Tensor::zeros((n, stack.width - r), x.dtype(), dev)?;
+                return Ok(Tensor::cat(&[x, &h, &pad], 1)?);
+            }
             Ok(Tensor::cat(&[x, &h], 1)?)
         })
     }
 
-    /// input [B·T, in (+ ΣR)] · weightᵀ (+ bias) → [B, T, out]
+    /// input [B·T, in (+ width)] · weightᵀ (+ bias) → [B, T, out]
     fn gemm(&self, input: &Tensor, b: usize, t: usize, dev: &Device) -> Result<Tensor> {
         super::profile::section("gemm", dev, || {
             #[cfg(feature = "cuda")]
