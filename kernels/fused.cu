@@ -46,70 +46,15 @@ __device__ __forceinline__ float block_reduce(float v, bool is_max, float *share
   return v;
 }
 
-// The LoRA columns of a linear's input row, appended by the kernel that produced the row: the block
-// has just written x (`in` values) to o, whose row holds ld >= in + R values; h = x·Aᵀ (A [R, in], the
-// scaling folded in; f32 sums rounded to T, as a GEMM) goes to o[in, in + R), kept where the batch
-// row's mask [B, R] is 1 (mode 1), always (mode 0) or never (mode 2), and zeros fill o[in + R, ld)
-// (padding that keeps the GEMM's k a multiple of 64). Row n belongs to batch row n / t.
-template <typename T>
-__device__ void lora_tail(T *o, const T *A, const T *mask, int in, int R, int ld, long long n, int t, int mode) {
-  __shared__ float shared[8][32];
-  constexpr int V = Pack<T>::N;
-  __syncthreads();  // the row written by the whole block is read back (from L1/L2)
-  int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = (blockDim.x + 31) >> 5;
-  bool packed = in % V == 0 && reinterpret_cast<size_t>(o) % 16 == 0 && reinterpret_cast<size_t>(A) % 16 == 0;
-  for (int r0 = 0; r0 < R; r0 += 8) {
-    float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-    int nr = min(8, R - r0);
-    if (mode != 2 && packed) {
-      for (int c = threadIdx.x; c < in / V; c += blockDim.x) {
-        Pack<T> xp = reinterpret_cast<const Pack<T> *>(o)[c];
-#pragma unroll
-        for (int j = 0; j < 8; j++) {
-          if (j >= nr) break;
-          Pack<T> a = reinterpret_cast<const Pack<T> *>(A + (long long)(r0 + j) * in)[c];
-#pragma unroll
-          for (int e = 0; e < V; e++) acc[j] += to_f(xp.v[e]) * to_f(a.v[e]);
-        }
-      }
-    } else if (mode != 2) {
-      for (int c = threadIdx.x; c < in; c += blockDim.x) {
-        float v = to_f(o[c]);
-#pragma unroll
-        for (int j = 0; j < 8; j++)
-          if (j < nr) acc[j] += v * to_f(A[(long long)(r0 + j) * in + c]);
-      }
-    }
-#pragma unroll
-    for (int j = 0; j < 8; j++)
-      for (int off = 16; off > 0; off >>= 1) acc[j] += __shfl_xor_sync(0xffffffff, acc[j], off);
-    __syncthreads();
-    if (lane == 0)
-#pragma unroll
-      for (int j = 0; j < 8; j++) shared[j][warp] = acc[j];
-    __syncthreads();
-    if (threadIdx.x < nr) {
-      float v = 0.0f;
-      for (int k = 0; k < warps; k++) v += shared[threadIdx.x][k];
-      int r = r0 + threadIdx.x;
-      bool keep = mode == 0 || (mode == 1 && to_f(mask[(n / t) * R + r]) != 0.0f);
-      o[in + r] = from_f<T>(keep ? v : 0.0f);
-    }
-  }
-  for (int c = in + R + threadIdx.x; c < ld; c += blockDim.x) o[c] = from_f<T>(0.0f);
+// A linear with LoRA columns takes rows [x | h | 0] of ld values: producers write x with row stride ld
+// and zero the columns after it; the side path's x·Aᵀ GEMM then fills h (src/model/lora.rs).
+template <typename T> __device__ __forceinline__ void zero_tail(T *o, long long cols, long long ld) {
+  for (long long c = cols + threadIdx.x; c < ld; c += blockDim.x) o[c] = from_f<T>(0.0f);
 }
 
-// A producer's optional LoRA columns (see lora_tail): A == nullptr for none, then ld = the row width.
-template <typename T> struct Tail {
-  const T *A;
-  const T *mask;
-  int R, ld, t, mode;
-};
-
 template <typename T>
-__device__ void swiglu(const T *gu, T *out, long long rows, long long m, Tail<T> tl) {
+__device__ void swiglu(const T *gu, T *out, long long rows, long long m, long long ld) {
   constexpr int V = Pack<T>::N;
-  long long ld = tl.A ? tl.ld : m;
   for (long long r = blockIdx.x; r < rows; r += gridDim.x) {
     const T *g = gu + r * 2 * m, *u = g + m;
     T *o = out + r * ld;
@@ -123,7 +68,7 @@ __device__ void swiglu(const T *gu, T *out, long long rows, long long m, Tail<T>
     } else {
       for (long long c = threadIdx.x; c < m; c += blockDim.x) o[c] = swiglu_one(g[c], u[c]);
     }
-    if (tl.A) lora_tail(o, tl.A, tl.mask, (int)m, tl.R, tl.ld, r, tl.t, tl.mode);
+    zero_tail(o, m, ld);
   }
 }
 
@@ -168,14 +113,14 @@ __device__ void masked_softmax(T *x, const unsigned int *pad, int heads, int t, 
 // in T. With `a`: the residual add first, sum = x + a (rounded to T, written to `sum`), normalised.
 // One block per row of `cols`; 16-byte loads (the caller checks cols % Pack::N == 0).
 template <typename T>
-__device__ void add_rms_norm(const T *x, const T *a, const T *w, T *sum, T *out, int cols, float eps, Tail<T> tl) {
+__device__ void add_rms_norm(const T *x, const T *a, const T *w, T *sum, T *out, int cols, float eps, int ld) {
   __shared__ float shared[32];
   constexpr int V = Pack<T>::N;
   long long row = blockIdx.x;
   const Pack<T> *xr = reinterpret_cast<const Pack<T> *>(x + row * cols);
   const Pack<T> *ar = a ? reinterpret_cast<const Pack<T> *>(a + row * cols) : nullptr;
   Pack<T> *sr = sum ? reinterpret_cast<Pack<T> *>(sum + row * cols) : nullptr;
-  T *o = out + row * (tl.A ? (long long)tl.ld : cols);
+  T *o = out + row * (long long)ld;
   Pack<T> *orow = reinterpret_cast<Pack<T> *>(o);
   const Pack<T> *wr = reinterpret_cast<const Pack<T> *>(w);
   float ss = 0.0f;
@@ -198,119 +143,42 @@ __device__ void add_rms_norm(const T *x, const T *a, const T *w, T *sum, T *out,
     for (int j = 0; j < V; j++) p.v[j] = from_f<T>(to_f(q.v[j]) * round_t<T>(to_f(p.v[j]) * r));
     orow[c] = p;
   }
-  if (tl.A) lora_tail(o, tl.A, tl.mask, cols, tl.R, tl.ld, row, tl.t, tl.mode);
+  zero_tail(o, cols, ld);
 }
 
-// The LoRA input of a linear with stacked adapters: out [N, in + R] = [x | h], h = x·Aᵀ (A [R, in],
-// scaling folded in; f32 sums rounded to T, as a GEMM) kept where mask [B, R] is 1 (row n belongs to
-// batch row n / t), 0 elsewhere. mode: 0 = every row keeps h, 1 = per mask, 2 = h = 0.
-// One block per token row: the row is copied once and its R dot products summed on the way.
-// With hd > 0, x is attention's output heads-first, [B, in / hd, t, hd], and is read as its merged
-// [N, in] form (the head merge and the copy in one pass).
+// Attention's heads-first output x [B, nh, t, hd] merged into token rows of out [B·t, ld]: the first
+// nh·hd values are the heads side by side, the rest zeros (LoRA columns, see zero_tail). One block
+// per token row; 16-byte accesses when hd and ld are whole packs.
 template <typename T>
-__device__ void lora_input(const T *x, const T *A, const T *mask, T *out, int in, int R, int ld, int t, int mode,
-                           int hd) {
-  long long n = blockIdx.x;
+__device__ void merge_heads(const T *x, T *out, int nh, int hd, int t, int ld) {
+  constexpr int V = Pack<T>::N;
+  long long n = blockIdx.x, b = n / t, ti = n - b * t;
+  int in = nh * hd;
   T *o = out + n * (long long)ld;
-  if (hd > 0) {
-    long long b = n / t, ti = n - b * t, nh = in / hd;
-    for (int c = threadIdx.x; c < in; c += blockDim.x) {
-      int h = c / hd;
-      o[c] = x[((b * nh + h) * t + ti) * hd + (c - h * hd)];
+  const T *src = x + (b * nh * t + ti) * (long long)hd;  // head h at + h·t·hd
+  if (hd % V == 0 && ld % V == 0) {
+    for (int c = threadIdx.x; c < in / V; c += blockDim.x) {
+      int h = c * V / hd, e = c * V - h * hd;
+      reinterpret_cast<Pack<T> *>(o)[c] = *reinterpret_cast<const Pack<T> *>(src + (long long)h * t * hd + e);
     }
   } else {
-    for (int c = threadIdx.x; c < in; c += blockDim.x) o[c] = x[n * in + c];
+    for (int c = threadIdx.x; c < in; c += blockDim.x) {
+      int h = c / hd;
+      o[c] = src[(long long)h * t * hd + (c - h * hd)];
+    }
   }
-  lora_tail(o, A, mask, in, R, ld, n, t, mode);
+  zero_tail(o, in, ld);
 }
 
-// As lora_input, for shapes in whole 16-byte packs (in, ld and hd multiples of Pack::N): ROWS
-// token rows per block share each load of A, and every access is 16 bytes wide.
-template <typename T, int ROWS>
-__device__ void lora_input_packed(const T *x, const T *A, const T *mask, T *out, long long n_rows, int in, int R,
-                                  int ld, int t, int mode, int hd) {
-  constexpr int V = Pack<T>::N;
-  __shared__ float shared[ROWS * 8][32];
-  long long n0 = (long long)blockIdx.x * ROWS;
-  int nv = in / V, lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = (blockDim.x + 31) >> 5;
-  long long nh = hd > 0 ? in / hd : 0;
-  const T *row_src[ROWS];
-  Pack<T> *row_dst[ROWS];
-#pragma unroll
-  for (int k = 0; k < ROWS; k++) {
-    long long n = min(n0 + k, n_rows - 1);
-    if (hd > 0) {
-      long long b = n / t, ti = n - b * t;
-      row_src[k] = x + (b * nh * t + ti) * hd;  // head h of this token at + h * t * hd
-    } else {
-      row_src[k] = x + n * in;
-    }
-    row_dst[k] = reinterpret_cast<Pack<T> *>(out + n * (long long)ld);
-  }
-  bool dots = mode != 2;
-  for (int r0 = 0; r0 < R; r0 += 8) {
-    int nr = min(8, R - r0);
-    float acc[ROWS][8];
-#pragma unroll
-    for (int k = 0; k < ROWS; k++)
-#pragma unroll
-      for (int j = 0; j < 8; j++) acc[k][j] = 0.0f;
-    if (r0 == 0 || dots) {
-      for (int c = threadIdx.x; c < nv; c += blockDim.x) {
-        long long off = (long long)c * V;
-        if (hd > 0) {
-          long long h = off / hd;
-          off = h * t * hd + (off - h * hd);
-        }
-        Pack<T> xp[ROWS];
-#pragma unroll
-        for (int k = 0; k < ROWS; k++) {
-          if (n0 + k < n_rows) {
-            xp[k] = *reinterpret_cast<const Pack<T> *>(row_src[k] + off);
-            if (r0 == 0) row_dst[k][c] = xp[k];
-          }
-        }
-        if (dots)
-#pragma unroll
-          for (int j = 0; j < 8; j++) {
-            if (j >= nr) break;
-            Pack<T> a = reinterpret_cast<const Pack<T> *>(A + (long long)(r0 + j) * in)[c];
-#pragma unroll
-            for (int k = 0; k < ROWS; k++)
-#pragma unroll
-              for (int e = 0; e < V; e++) acc[k][j] += to_f(xp[k].v[e]) * to_f(a.v[e]);
-          }
-      }
-    }
-#pragma unroll
-    for (int k = 0; k < ROWS; k++)
-#pragma unroll
-      for (int j = 0; j < 8; j++)
-        for (int o = 16; o > 0; o >>= 1) acc[k][j] += __shfl_xor_sync(0xffffffff, acc[k][j], o);
-    __syncthreads();
-    if (lane == 0)
-#pragma unroll
-      for (int k = 0; k < ROWS; k++)
-#pragma unroll
-        for (int j = 0; j < 8; j++) shared[k * 8 + j][warp] = acc[k][j];
-    __syncthreads();
-    if (threadIdx.x < ROWS * 8) {
-      int k = threadIdx.x / 8, j = threadIdx.x % 8;
-      long long n = n0 + k;
-      if (j < nr && n < n_rows) {
-        float v = 0.0f;
-        for (int w = 0; w < warps; w++) v += shared[threadIdx.x][w];
-        int r = r0 + j;
-        bool keep = mode == 0 || (mode == 1 && to_f(mask[(n / t) * R + r]) != 0.0f);
-        out[n * (long long)ld + in + r] = from_f<T>(keep ? v : 0.0f);
-      }
-    }
-  }
-  for (int k = 0; k < ROWS; k++) {
-    long long n = n0 + k;
-    if (n < n_rows)
-      for (int c = in + R + threadIdx.x; c < ld; c += blockDim.x) out[n * (long long)ld + c] = from_f<T>(0.0f);
-  }
+// Drops the LoRA columns h = xh[:, in, in + R) of the token rows whose batch row does not use them:
+// mask [B, R] (1 keeps, 0 zeroes), token row n in batch row n / t. One thread per value.
+template <typename T>
+__device__ void lora_mask(T *xh, const T *mask, long long n_rows, int in, int R, int ld, int t) {
+  long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x;
+  if (i >= n_rows * R) return;
+  long long n = i / R;
+  int r = i - n * R;
+  if (to_f(mask[(n / t) * R + r]) == 0.0f) xh[n * ld + in + r] = from_f<T>(0.0f);
 }
 
 // log p(target) per row of logits [N, V]: logits[n, tgt[n]] - logsumexp(logits[n]) in f32 (as
@@ -375,9 +243,8 @@ __device__ void qkv_rope(const T *qkv, const T *cos, const T *sin, T *out, int b
 }
 
 #define INSTANTIATE(T, SUFFIX)                                                                              \
-  extern "C" __global__ void swiglu_##SUFFIX(const T *gu, T *out, long long rows, long long m, const T *A,     \
-                                             const T *mask, int R, int ld, int t, int mode) {               \
-    swiglu<T>(gu, out, rows, m, Tail<T>{A, mask, R, ld, t, mode});                                          \
+  extern "C" __global__ void swiglu_##SUFFIX(const T *gu, T *out, long long rows, long long m, long long ld) { \
+    swiglu<T>(gu, out, rows, m, ld);                                                                        \
   }                                                                                                         \
   extern "C" __global__ void masked_softmax_##SUFFIX(T *x, const unsigned int *pad, int heads, int t, int s, \
                                                      int offset, float scale, int cached) {                 \
@@ -388,18 +255,15 @@ __device__ void qkv_rope(const T *qkv, const T *cos, const T *sin, T *out, int b
     qkv_rope<T>(qkv, cos, sin, out, b, t, nh, kvh, d, rd);                                                  \
   }                                                                                                         \
   extern "C" __global__ void add_rms_norm_##SUFFIX(const T *x, const T *a, const T *w, T *sum, T *out, int cols, \
-                                                   float eps, const T *A, const T *mask, int R, int ld, int t, \
-                                                   int mode) {                                              \
-    add_rms_norm<T>(x, a, w, sum, out, cols, eps, Tail<T>{A, mask, R, ld, t, mode});                        \
+                                                   float eps, int ld) {                                     \
+    add_rms_norm<T>(x, a, w, sum, out, cols, eps, ld);                                                      \
   }                                                                                                         \
-  extern "C" __global__ void lora_input_##SUFFIX(const T *x, const T *A, const T *mask, T *out, int in, int R, \
-                                                 int ld, int t, int mode, int hd) {                         \
-    lora_input<T>(x, A, mask, out, in, R, ld, t, mode, hd);                                                 \
+  extern "C" __global__ void merge_heads_##SUFFIX(const T *x, T *out, int nh, int hd, int t, int ld) {        \
+    merge_heads<T>(x, out, nh, hd, t, ld);                                                                  \
   }                                                                                                         \
-  extern "C" __global__ void lora_input_packed_##SUFFIX(const T *x, const T *A, const T *mask, T *out,           \
-                                                        long long n_rows, int in, int R, int ld, int t, int mode, \
-                                                        int hd) {                                           \
-    lora_input_packed<T, 2>(x, A, mask, out, n_rows, in, R, ld, t, mode, hd);                               \
+  extern "C" __global__ void lora_mask_##SUFFIX(T *xh, const T *mask, long long n_rows, int in, int R, int ld,  \
+                                                int t) {                                                    \
+    lora_mask<T>(xh, mask, n_rows, in, R, ld, t);                                                           \
   }                                                                                                         \
   extern "C" __global__ void target_logprob_##SUFFIX(const T *logits, const unsigned int *tgt, float *out, int v) { \
     target_logprob<T>(logits, tgt, out, v);                                                                 \

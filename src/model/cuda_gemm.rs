@@ -1,4 +1,5 @@
-//! The dense GEMMs of the linears, y = x·Wᵀ (+ bias), through cuBLASLt for bf16/f16 on CUDA.
+//! The dense GEMMs of the linears, y = x·Wᵀ (+ bias), through cuBLASLt on CUDA (bf16/f16; f32 for
+//! the LoRA columns).
 //!
 //! candle's matmul calls cublasGemmStridedBatchedEx, which picks its kernel with no say from us;
 //! cuBLASLt lists the candidate algorithms for a shape, takes the bias add into the GEMM's epilogue,
@@ -11,14 +12,14 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::cublaslt::{result as lt, sys};
-use candle_core::cuda_backend::cudarc::driver::{CudaSlice, DevicePtr, DevicePtrMut};
-use candle_core::{CpuStorage, CudaStorage, CustomOp2, CustomOp3, DType, Layout, Shape, Tensor};
+use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut};
+use candle_core::{CpuStorage, CudaStorage, CustomOp2, CustomOp3, DType, InplaceOp2, Layout, Shape, Tensor};
 use half::{bf16, f16};
 
 /// cuBLASLt's recommended workspace on Hopper (32 MiB; 4 MiB is enough before it).
 const WORKSPACE: usize = 32 << 20;
 
-/// x [M, K] · w [N, K]ᵀ (+ bias [N]) → [M, N], both inputs contiguous, bf16 or f16.
+/// x [M, K] · w [N, K]ᵀ (+ bias [N]) → [M, N], both inputs contiguous, of one dtype.
 pub fn linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> candle_core::Result<Tensor> {
     linear_algo(x, w, bias, choice())
 }
@@ -37,8 +38,7 @@ pub fn candidates(m: usize, n: usize, k: usize, dtype: DType, dev: &candle_core:
     let candle_core::Device::Cuda(cuda) = dev else { candle_core::bail!("cuBLASLt needs a CUDA device") };
     let st = state(cuda)?;
     let mut st = st.lock().map_err(|_| candle_core::Error::Msg("cuBLASLt state poisoned".into()))?;
-    let key = Key { m, n, k, dtype, bias: false, algo: 0 };
-    Ok(st.plan(key)?.count)
+    Ok(st.plan(Key::dense(m, n, k, dtype))?.count)
 }
 
 /// GLM4_VERIFY_GEMM_ALGO=i picks the heuristic's i-th candidate everywhere (to compare them).
@@ -52,13 +52,24 @@ struct Key {
     m: usize,
     n: usize,
     k: usize,
+    /// Row strides of x and y (≥ k and n: x and y may be column ranges of wider rows).
+    ldx: usize,
+    ldy: usize,
     dtype: DType,
     bias: bool,
     algo: usize,
+    /// The pointers' common alignment in bytes (≤ 256): algorithms needing more are left out.
+    align: usize,
+}
+
+impl Key {
+    fn dense(m: usize, n: usize, k: usize, dtype: DType) -> Self {
+        Key { m, n, k, ldx: k, ldy: n, dtype, bias: false, algo: 0, align: 256 }
+    }
 }
 
 /// Descriptors and algorithm for one shape. Column-major, as cuBLAS sees row-major data:
-/// yᵀ [N, M] = W [N, K] (stored as Wᵀ: K×N, ld K, transposed) · xᵀ (K×M, ld K).
+/// yᵀ [N, M] (ld ldy) = W [N, K] (stored as Wᵀ: K×N, ld K, transposed) · xᵀ (K×M, ld ldx).
 struct Plan {
     desc: sys::cublasLtMatmulDesc_t,
     a: sys::cublasLtMatrixLayout_t,
@@ -108,10 +119,12 @@ impl State {
     }
 
     fn new_plan(&self, key: Key) -> candle_core::Result<Plan> {
+        // f32 runs in full f32 (no TF32), as candle's matmul does by default.
         let ty = match key.dtype {
             DType::BF16 => sys::cudaDataType_t::CUDA_R_16BF,
             DType::F16 => sys::cudaDataType_t::CUDA_R_16F,
-            d => candle_core::bail!("cuBLASLt linear takes bf16 or f16, not {d:?}"),
+            DType::F32 => sys::cudaDataType_t::CUDA_R_32F,
+            d => candle_core::bail!("cuBLASLt linear takes bf16, f16 or f32, not {d:?}"),
         };
         let (m, n, k) = (key.m as u64, key.n as u64, key.k as u64);
         let desc =
@@ -139,20 +152,25 @@ impl State {
             }
         }
         let a = lt::create_matrix_layout(ty, k, n, k as i64).map_err(err)?;
-        let b = lt::create_matrix_layout(ty, k, m, k as i64).map_err(err)?;
-        let c = lt::create_matrix_layout(ty, n, m, n as i64).map_err(err)?;
+        let b = lt::create_matrix_layout(ty, k, m, key.ldx as i64).map_err(err)?;
+        let c = lt::create_matrix_layout(ty, n, m, key.ldy as i64).map_err(err)?;
         let pref = lt::create_matmul_pref().map_err(err)?;
         const MAX: usize = 16;
         // SAFETY: plain-data results array of MAX entries, filled up to `count` by cuBLASLt.
         let (results, count) = unsafe {
+            use sys::cublasLtMatmulPreferenceAttributes_t as P;
             let ws = WORKSPACE as u64;
-            lt::set_matmul_pref_attribute(
-                pref,
-                sys::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
-                &ws as *const _ as *const c_void,
-                std::mem::size_of_val(&ws),
-            )
-            .map_err(err)?;
+            let align = key.align as u32;
+            let set = |attr: P, v: *const c_void, size: usize| lt::set_matmul_pref_attribute(pref, attr, v, size);
+            set(P::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws as *const _ as *const c_void, 8).map_err(err)?;
+            for attr in [
+                P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES,
+                P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES,
+                P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES,
+                P::CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES,
+            ] {
+                set(attr, &align as *const _ as *const c_void, 4).map_err(err)?;
+            }
             let mut results: [sys::cublasLtMatmulHeuristicResult_t; MAX] = std::mem::zeroed();
             let mut count = 0i32;
             let status = sys::cublasLtMatmulAlgoGetHeuristic(
@@ -176,6 +194,67 @@ impl State {
         }
         let pick = key.algo.min(count - 1);
         Ok(Plan { desc, a, b, c, algo: results[pick].algo, count })
+    }
+}
+
+/// Alignment in bytes (≤ 256) common to device addresses.
+fn alignment(ptrs: &[u64]) -> usize {
+    ptrs.iter().map(|&p| if p == 0 { 256 } else { 1usize << p.trailing_zeros().min(8) }).min().unwrap_or(256)
+}
+
+impl State {
+    /// y = x·Wᵀ (+ bias) on raw device addresses; `key` gives the shape, strides and dtype.
+    fn launch(
+        &mut self,
+        mut key: Key,
+        stream: &CudaStream,
+        w: u64,
+        x: u64,
+        y: u64,
+        bias: u64,
+    ) -> candle_core::Result<()> {
+        let ws = {
+            let (p, _g) = self.workspace.device_ptr_mut(stream);
+            p
+        };
+        key.align = alignment(&[w, x, y, bias, ws]);
+        let (desc, la, lb, lc, algo) = {
+            let p = self.plan(key)?;
+            (p.desc, p.a, p.b, p.c, p.algo)
+        };
+        let (alpha, beta) = (1f32, 0f32);
+        // SAFETY: the plan's layouts describe these buffers (checked by the callers); they outlive the
+        // call, which is queued on `stream` like every other use of them.
+        unsafe {
+            if key.bias {
+                lt::set_matmul_desc_attribute(
+                    desc,
+                    sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_BIAS_POINTER,
+                    &bias as *const _ as *const c_void,
+                    std::mem::size_of_val(&bias),
+                )
+                .map_err(err)?;
+            }
+            lt::matmul(
+                self.handle,
+                desc,
+                &alpha as *const f32 as *const c_void,
+                &beta as *const f32 as *const c_void,
+                w as *const c_void,
+                la,
+                x as *const c_void,
+                lb,
+                y as *const c_void,
+                lc,
+                y as *mut c_void,
+                lc,
+                &algo,
+                ws as *mut c_void,
+                WORKSPACE,
+                stream.cu_stream() as sys::cudaStream_t,
+            )
+            .map_err(err)
+        }
     }
 }
 
@@ -203,72 +282,85 @@ impl LtLinear {
             }
         }
         let dev = xs.device().clone();
-        let key = Key { m, n, k, dtype: xs.dtype(), bias: bias.is_some(), algo: self.algo };
+        let key = Key { bias: bias.is_some(), algo: self.algo, ..Key::dense(m, n, k, xs.dtype()) };
         let st = state(&dev)?;
         let mut st = st.lock().map_err(|_| err("state poisoned"))?;
+        let stream = dev.cuda_stream();
         macro_rules! go {
             ($t:ty) => {{
                 let xv = slice::<$t>(xs, xl, "x")?;
                 let wv = slice::<$t>(ws, wl, "weight")?;
-                let bv = match bias {
-                    Some((bs, bl)) => Some(slice::<$t>(bs, bl, "bias")?),
-                    None => None,
-                };
+                let bv = bias.map(|(bs, bl)| slice::<$t>(bs, bl, "bias")).transpose()?;
                 // SAFETY: every element is written by the GEMM (beta = 0).
                 let mut out = unsafe { dev.alloc::<$t>(m * n)? };
-                let stream = dev.cuda_stream();
-                let (desc, la, lb, lc, algo) = {
-                    let p = st.plan(key)?;
-                    (p.desc, p.a, p.b, p.c, p.algo)
-                };
-                let handle = st.handle;
-                let (wsp, _g0) = st.workspace.device_ptr_mut(&stream);
-                let (xp, _g1) = xv.device_ptr(&stream);
-                let (wp, _g2) = wv.device_ptr(&stream);
-                let (op, _g3) = out.device_ptr_mut(&stream);
-                let (alpha, beta) = (1f32, 0f32);
-                // SAFETY: the plan's layouts match these buffers' shapes; all live for the call.
-                unsafe {
-                    if let Some(bv) = &bv {
-                        let (bp, _g4) = bv.device_ptr(&stream);
-                        lt::set_matmul_desc_attribute(
-                            desc,
-                            sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_BIAS_POINTER,
-                            &bp as *const _ as *const c_void,
-                            std::mem::size_of_val(&bp),
-                        )
-                        .map_err(err)?;
-                    }
-                    lt::matmul(
-                        handle,
-                        desc,
-                        &alpha as *const f32 as *const c_void,
-                        &beta as *const f32 as *const c_void,
-                        wp as *const c_void,
-                        la,
-                        xp as *const c_void,
-                        lb,
-                        op as *const c_void,
-                        lc,
-                        op as *mut c_void,
-                        lc,
-                        &algo,
-                        wsp as *mut c_void,
-                        WORKSPACE,
-                        stream.cu_stream() as sys::cudaStream_t,
-                    )
-                    .map_err(err)?;
+                {
+                    let (xp, _g1) = xv.device_ptr(&stream);
+                    let (wp, _g2) = wv.device_ptr(&stream);
+                    let (yp, _g3) = out.device_ptr_mut(&stream);
+                    let bg = bv.as_ref().map(|b| b.device_ptr(&stream));
+                    let bp = bg.as_ref().map_or(0, |g| g.0);
+                    st.launch(key, &stream, wp, xp, yp, bp)?;
                 }
-                drop((_g0, _g1, _g2, _g3));
                 CudaStorage::wrap_cuda_slice(out, dev.clone())
             }};
         }
         let out = match xs.dtype() {
             DType::BF16 => go!(bf16),
             DType::F16 => go!(f16),
-            d => candle_core::bail!("cuBLASLt linear takes bf16 or f16, not {d:?}"),
+            DType::F32 => go!(f32),
+            d => candle_core::bail!("cuBLASLt linear takes bf16, f16 or f32, not {d:?}"),
         };
         Ok((out, Shape::from((m, n))))
+    }
+}
+
+/// In place over xh [N, ld]: xh[:, k, k + R) = xh[:, 0, k) · aᵀ for a [R, k] — the LoRA columns h of a
+/// linear's input rows [x | h | 0], computed where the rows were written (one skinny GEMM, x read once).
+pub fn lora_h_(xh: &Tensor, a: &Tensor) -> candle_core::Result<()> {
+    xh.inplace_op2(a, &LoraH)
+}
+
+struct LoraH;
+
+impl InplaceOp2 for LoraH {
+    fn name(&self) -> &'static str {
+        "lt-lora-h"
+    }
+    fn cpu_fwd(&self, _: &mut CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> candle_core::Result<()> {
+        candle_core::bail!("lt-lora-h runs on CUDA only")
+    }
+    fn cuda_fwd(&self, xs: &mut CudaStorage, xl: &Layout, a: &CudaStorage, al: &Layout) -> candle_core::Result<()> {
+        let (m, ld) = xl.shape().dims2()?;
+        let (r, k) = al.shape().dims2()?;
+        if k + r > ld {
+            candle_core::bail!("LoRA h: rows of {ld} cannot hold {k} + {r} columns");
+        }
+        let (start, _) = xl
+            .contiguous_offsets()
+            .ok_or_else(|| candle_core::Error::Msg("LoRA h: the rows must be contiguous".into()))?;
+        let dev = xs.device().clone();
+        let key = Key { ldx: ld, ldy: ld, ..Key::dense(m, r, k, xs.dtype()) };
+        let st = state(&dev)?;
+        let mut st = st.lock().map_err(|_| err("state poisoned"))?;
+        let stream = dev.cuda_stream();
+        macro_rules! go {
+            ($t:ty) => {{
+                let av = slice::<$t>(a, al, "lora A")?;
+                let size = std::mem::size_of::<$t>() as u64;
+                let xv = xs.as_cuda_slice_mut::<$t>()?;
+                let (base, _g1) = xv.device_ptr_mut(&stream);
+                let (ap, _g2) = av.device_ptr(&stream);
+                let x = base + start as u64 * size;
+                st.launch(key, &stream, ap, x, x + k as u64 * size, 0)?;
+            }};
+        }
+        match xs.dtype() {
+            DType::BF16 => go!(bf16),
+            DType::F16 => go!(f16),
+            DType::F32 => go!(f32),
+            d => candle_core::bail!("LoRA h takes bf16, f16 or f32, not {d:?}"),
+        }
+        Ok(())
     }
 }
 

@@ -109,118 +109,14 @@ fn contiguous(l: &Layout, what: &str) -> candle_core::Result<(usize, usize)> {
     l.contiguous_offsets().ok_or_else(|| candle_core::Error::Msg(format!("{what}: input must be contiguous")))
 }
 
-/// How the rows of a batch use a LoRA stack.
-#[derive(Clone)]
-pub enum LoraRows {
-    /// Every row keeps x·Aᵀ.
-    All,
-    /// Per batch row and rank column, 1 keeps, 0 drops: [B, 1, R] in the model dtype.
-    Masked(Tensor),
-    /// No row uses the stack: h = 0.
-    None,
-}
-
-/// The LoRA columns of a linear's input, appended by the kernel that writes the input (a norm,
-/// SwiGLU, or the head merge): rows [x | h | 0], h = x·Aᵀ kept per `rows`, `width` ≥ R columns after
-/// x (the rank padded so that the GEMM's k is a multiple of 64). x has `t` token rows per batch row.
-#[derive(Clone)]
-pub struct LoraTail {
-    /// [R, in], scaling folded in.
-    pub a: Tensor,
-    pub rows: LoraRows,
-    pub width: usize,
-    pub t: usize,
-}
-
-/// A tail's kernel arguments (kernels/fused.cu `Tail`): A, mask, R, ld, t, mode; null A for none.
-struct TailArgs<'a, T> {
-    a: Option<CudaView<'a, T>>,
-    mask: Option<CudaView<'a, T>>,
-    ints: [i32; 4],
-    null: u64,
-}
-
-impl<'a, T: DeviceRepr> TailArgs<'a, T> {
-    fn push(&'a self, b: &mut candle_core::cuda_backend::cudarc::driver::LaunchArgs<'a>) {
-        match &self.a {
-            Some(a) => b.arg(a),
-            None => b.arg(&self.null),
-        };
-        match &self.mask {
-            Some(m) => b.arg(m),
-            None => b.arg(&self.null),
-        };
-        for v in &self.ints {
-            b.arg(v);
-        }
-    }
-}
-
-/// Runs `f` with the kernel arguments of `tail` for rows of `inp` values (`rows` token rows; without
-/// a tail, ld = inp). The tail's tensors stay locked for reading while `f` launches.
-fn with_tail<T: CudaDType + DeviceRepr, R>(
-    tail: Option<&LoraTail>,
-    inp: usize,
-    rows: usize,
-    f: impl FnOnce(&TailArgs<T>, usize) -> candle_core::Result<R>,
-) -> candle_core::Result<R> {
-    let Some(tl) = tail else {
-        return f(&TailArgs { a: None, mask: None, ints: [0, inp as i32, 1, 2], null: 0 }, inp);
-    };
-    let (r, a_in) = tl.a.dims2()?;
-    if a_in != inp || tl.width < r || tl.t == 0 || !rows.is_multiple_of(tl.t) {
-        candle_core::bail!(
-            "lora tail: A {:?} for rows of {inp}, width {}, {} tokens per row",
-            tl.a.dims(),
-            tl.width,
-            tl.t
-        );
-    }
-    let cuda = |g: &'_ candle_core::Storage| -> candle_core::Result<()> {
-        match g {
-            candle_core::Storage::Cuda(_) => Ok(()),
-            _ => candle_core::bail!("lora tail: tensors must be on the GPU"),
-        }
-    };
-    let (ga, la) = tl.a.storage_and_layout();
-    cuda(&ga)?;
-    let mask = match &tl.rows {
-        LoraRows::Masked(m) => {
-            if m.elem_count() != (rows / tl.t) * r {
-                candle_core::bail!("lora tail: mask {:?} for {} rows of rank {r}", m.dims(), rows / tl.t);
-            }
-            Some(m.storage_and_layout())
-        }
-        _ => None,
-    };
-    let mode = match tl.rows {
-        LoraRows::All => 0,
-        LoraRows::Masked(_) => 1,
-        LoraRows::None => 2,
-    };
-    let av = match &*ga {
-        candle_core::Storage::Cuda(s) => view::<T>(s, la, "lora A", 1)?,
-        _ => candle_core::bail!("lora tail: A must be on the GPU"),
-    };
-    let mv = match &mask {
-        Some((g, l)) => match &**g {
-            candle_core::Storage::Cuda(s) => Some(view::<T>(s, l, "lora mask", 1)?),
-            _ => candle_core::bail!("lora tail: the mask must be on the GPU"),
-        },
-        None => None,
-    };
-    let ld = inp + tl.width;
-    f(&TailArgs { a: Some(av), mask: mv, ints: [r as i32, ld as i32, tl.t as i32, mode], null: 0 }, ld)
-}
-
-/// silu(gate) · up for a fused gate/up output [.., 2m] → [.., m], or [.., m + width] with the
-/// down projection's LoRA columns appended (`tail`).
-pub fn swiglu(gu: &Tensor, tail: Option<&LoraTail>) -> candle_core::Result<Tensor> {
-    gu.apply_op1_no_bwd(&SwiGlu { tail: tail.cloned() })
+/// silu(gate) · up for a fused gate/up output [.., 2m] → [.., m], or [.., ld] with zeros after the
+/// m values (room for the down projection's LoRA columns).
+pub fn swiglu(gu: &Tensor, ld: Option<usize>) -> candle_core::Result<Tensor> {
+    gu.apply_op1_no_bwd(&SwiGlu { ld })
 }
 
 struct SwiGlu {
-    tail: Option<LoraTail>,
+    ld: Option<usize>,
 }
 
 impl SwiGlu {
@@ -230,31 +126,30 @@ impl SwiGlu {
         l: &Layout,
         rows: usize,
         m: usize,
-    ) -> candle_core::Result<(CudaStorage, usize)> {
+        ld: usize,
+    ) -> candle_core::Result<CudaStorage> {
         let dev = s.device().clone();
         // The kernel's 16-byte loads (used when m is whole packs) need a pack-aligned start.
         let align = if m.is_multiple_of(pack(s.dtype())) { pack(s.dtype()) } else { 1 };
         let src = view::<T>(s, l, "swiglu", align)?;
+        // SAFETY: every element is written by the kernel.
+        let out = unsafe { dev.alloc::<T>(rows * ld)? };
         let func = dev.get_or_load_custom_func(&format!("swiglu_{}", suffix(s.dtype())?), MODULE, PTX)?;
         let cfg = LaunchConfig {
             grid_dim: (rows.clamp(1, 1 << 30) as u32, 1, 1),
             block_dim: (256, 1, 1),
             shared_mem_bytes: 0,
         };
-        with_tail::<T, _>(self.tail.as_ref(), m, rows, |tail, ld| {
-            // SAFETY: every element is written by the kernel.
-            let out = unsafe { dev.alloc::<T>(rows * ld)? };
-            let mut b = func.builder();
-            let (rows_i, m_i) = (rows as i64, m as i64);
-            b.arg(&src);
-            b.arg(&out);
-            b.arg(&rows_i);
-            b.arg(&m_i);
-            tail.push(&mut b);
-            // SAFETY: argument types match the kernel's signature; one block per row.
-            unsafe { b.launch(cfg) }.w()?;
-            Ok((CudaStorage::wrap_cuda_slice(out, dev.clone()), ld))
-        })
+        let mut b = func.builder();
+        let (rows, m, ld) = (rows as i64, m as i64, ld as i64);
+        b.arg(&src);
+        b.arg(&out);
+        b.arg(&rows);
+        b.arg(&m);
+        b.arg(&ld);
+        // SAFETY: argument types match the kernel's signature; one block per row.
+        unsafe { b.launch(cfg) }.w()?;
+        Ok(CudaStorage::wrap_cuda_slice(out, dev))
     }
 }
 
@@ -266,7 +161,11 @@ impl CustomOp1 for SwiGlu {
         let two_m = dims.pop().unwrap_or(0);
         let m = two_m / 2;
         let rows = l.shape().elem_count() / two_m.max(1);
-        let (out, ld) = by_dtype!(s.dtype(), T => self.go::<T>(s, l, rows, m)?);
+        let ld = self.ld.unwrap_or(m);
+        if ld < m {
+            candle_core::bail!("swiglu: rows of {ld} for {m} values");
+        }
+        let out = by_dtype!(s.dtype(), T => self.go::<T>(s, l, rows, m, ld)?);
         dims.push(ld);
         Ok((out, Shape::from(dims)))
     }
@@ -472,26 +371,26 @@ pub fn row_kernel_fits(cols: usize, dtype: DType) -> bool {
     matches!(dtype, DType::BF16 | DType::F16 | DType::F32) && cols.is_multiple_of(pack(dtype))
 }
 
-/// RMSNorm of x [.., H] with weight [H], rounded as transformers' Glm4RMSNorm; with `tail`,
-/// [.., H + width] carrying the next linear's LoRA columns.
-pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f32, tail: Option<&LoraTail>) -> candle_core::Result<Tensor> {
-    x.apply_op2_no_bwd(w, &AddRmsNorm { eps, tail: tail.cloned() })
+/// RMSNorm of x [.., H] with weight [H], rounded as transformers' Glm4RMSNorm; with `ld`, rows of
+/// ld values, zeros after the H (room for the next linear's LoRA columns).
+pub fn rms_norm(x: &Tensor, w: &Tensor, eps: f32, ld: Option<usize>) -> candle_core::Result<Tensor> {
+    x.apply_op2_no_bwd(w, &AddRmsNorm { eps, ld })
 }
 
-/// (x + a, RMSNorm(x + a)) for x, a [.., H]: the residual add fused with the next norm (whose
-/// output carries the next linear's LoRA columns with `tail`).
+/// (x + a, RMSNorm(x + a)) for x, a [.., H]: the residual add fused with the next norm (whose rows
+/// are `ld` values long with `ld`, as `rms_norm`).
 pub fn add_rms_norm(
     x: &Tensor,
     a: &Tensor,
     w: &Tensor,
     eps: f32,
-    tail: Option<&LoraTail>,
+    ld: Option<usize>,
 ) -> candle_core::Result<(Tensor, Tensor)> {
-    let flat = x.apply_op3_no_bwd(a, w, &AddRmsNorm { eps, tail: tail.cloned() })?;
+    let flat = x.apply_op3_no_bwd(a, w, &AddRmsNorm { eps, ld })?;
     let n = x.elem_count();
     let mut dims = x.dims().to_vec();
-    if let (Some(last), Some(tl)) = (dims.last_mut(), tail) {
-        *last += tl.width;
+    if let (Some(last), Some(ld)) = (dims.last_mut(), ld) {
+        *last = ld;
     }
     let norm = flat.narrow(0, n, flat.elem_count() - n)?.reshape(dims)?;
     Ok((flat.narrow(0, 0, n)?.reshape(x.shape())?, norm))
@@ -499,15 +398,17 @@ pub fn add_rms_norm(
 
 struct AddRmsNorm {
     eps: f32,
-    tail: Option<LoraTail>,
+    ld: Option<usize>,
 }
 
 impl AddRmsNorm {
     /// Checks shapes and returns (rows, cols).
     fn dims(&self, xl: &Layout, wl: &Layout, dtype: DType) -> candle_core::Result<(usize, usize)> {
         let cols = *xl.dims().last().unwrap_or(&0);
-        if wl.shape().elem_count() != cols || !row_kernel_fits(cols, dtype) {
-            candle_core::bail!("rms norm: weight of {:?} for rows of {cols} ({dtype:?})", wl.dims());
+        let ld = self.ld.unwrap_or(cols);
+        if wl.shape().elem_count() != cols || !row_kernel_fits(cols, dtype) || !row_kernel_fits(ld, dtype) || ld < cols
+        {
+            candle_core::bail!("rms norm: weight of {:?} for rows of {cols} in {ld} ({dtype:?})", wl.dims());
         }
         Ok((xl.shape().elem_count() / cols.max(1), cols))
     }
@@ -530,34 +431,33 @@ impl AddRmsNorm {
         let name = format!("add_rms_norm_{}", suffix(x.0.dtype())?);
         let func = dev.get_or_load_custom_func(&name, MODULE, PTX)?;
         let cfg = LaunchConfig { grid_dim: (rows.max(1) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
-        with_tail::<T, _>(self.tail.as_ref(), cols, rows, |tail, ld| {
-            let sum_len = if av.is_some() { n } else { 0 };
-            // SAFETY: every element is written by the kernel.
-            let mut out = unsafe { dev.alloc::<T>(sum_len + rows * ld)? };
-            let (cols_i, null) = (cols as i32, 0u64);
-            {
-                let (mut sum, mut norm) = out.split_at_mut(sum_len);
-                let mut b = func.builder();
-                b.arg(&xv);
-                match &av {
-                    Some(a) => b.arg(a),
-                    None => b.arg(&null),
-                };
-                b.arg(&wv);
-                if av.is_some() {
-                    b.arg(&mut sum);
-                } else {
-                    b.arg(&null);
-                }
-                b.arg(&mut norm);
-                b.arg(&cols_i);
-                b.arg(&self.eps);
-                tail.push(&mut b);
-                // SAFETY: argument types match the kernel's signature; one block per row.
-                unsafe { b.launch(cfg) }.w()?;
+        let ld = self.ld.unwrap_or(cols);
+        let sum_len = if av.is_some() { n } else { 0 };
+        // SAFETY: every element is written by the kernel.
+        let mut out = unsafe { dev.alloc::<T>(sum_len + rows * ld)? };
+        let (cols_i, ld_i, null) = (cols as i32, ld as i32, 0u64);
+        {
+            let (mut sum, mut norm) = out.split_at_mut(sum_len);
+            let mut b = func.builder();
+            b.arg(&xv);
+            match &av {
+                Some(a) => b.arg(a),
+                None => b.arg(&null),
+            };
+            b.arg(&wv);
+            if av.is_some() {
+                b.arg(&mut sum);
+            } else {
+                b.arg(&null);
             }
-            Ok((CudaStorage::wrap_cuda_slice(out, dev.clone()), ld))
-        })
+            b.arg(&mut norm);
+            b.arg(&cols_i);
+            b.arg(&self.eps);
+            b.arg(&ld_i);
+            // SAFETY: argument types match the kernel's signature; one block per row.
+            unsafe { b.launch(cfg) }.w()?;
+        }
+        Ok((CudaStorage::wrap_cuda_slice(out, dev), ld))
     }
 }
 
@@ -602,82 +502,105 @@ impl CustomOp3 for AddRmsNorm {
     }
 }
 
-/// [x | h | 0] for x [N, in] (N = B·t token rows) and `tail` (see `LoraTail`) → [N, in + width],
-/// the input of a linear whose weight is [W | B | 0]. With `head_dim`, x is attention's heads-first
-/// output [B, in / head_dim, t, head_dim] instead, merged on the way.
-pub fn lora_input(x: &Tensor, tail: &LoraTail, head_dim: Option<usize>) -> candle_core::Result<Tensor> {
-    let x = if head_dim.is_some() {
-        let (b, nh, t, d) = x.dims4()?;
-        x.contiguous()?.reshape((b * t, nh * d))?
-    } else {
-        x.contiguous()?
-    };
-    x.apply_op1_no_bwd(&LoraInput { tail: tail.clone(), hd: head_dim.unwrap_or(0) })
+/// Attention's heads-first output x [B, nh, t, hd] as token rows [B·t, ld]: the heads side by side,
+/// then zeros (room for the o projection's LoRA columns).
+pub fn merge_heads(x: &Tensor, ld: usize) -> candle_core::Result<Tensor> {
+    x.contiguous()?.apply_op1_no_bwd(&MergeHeads { ld })
 }
 
-struct LoraInput {
-    tail: LoraTail,
-    /// > 0: x is heads-first [B, in / hd, t, hd] (viewed as [N, in] only for its element count).
-    hd: usize,
+struct MergeHeads {
+    ld: usize,
 }
 
-impl LoraInput {
-    fn go<T: CudaDType + DeviceRepr>(&self, x: (&CudaStorage, &Layout)) -> candle_core::Result<(CudaStorage, Shape)> {
-        let (n, inp) = x.1.shape().dims2()?;
-        if self.hd > 0 && !inp.is_multiple_of(self.hd) {
-            candle_core::bail!("lora input: x {:?} with heads of {}", x.1.dims(), self.hd);
+impl MergeHeads {
+    fn go<T: CudaDType + DeviceRepr>(&self, s: &CudaStorage, l: &Layout) -> candle_core::Result<(CudaStorage, Shape)> {
+        let (b, nh, t, hd) = l.shape().dims4()?;
+        let ld = self.ld;
+        if ld < nh * hd {
+            candle_core::bail!("merge heads: rows of {ld} for {nh} heads of {hd}");
         }
-        let dev = x.0.device().clone();
-        let xv = view::<T>(x.0, x.1, "lora input", 1)?;
-        let (a_offset, _) = contiguous(self.tail.a.layout(), "lora A")?;
-        with_tail::<T, _>(Some(&self.tail), inp, n, |tail, ld| {
-            // SAFETY: every element is written by the kernel.
-            let out = unsafe { dev.alloc::<T>(n * ld)? };
-            // The packed kernel (2 rows per block sharing A, 16-byte accesses) where the shapes are whole packs.
-            let v = pack(x.0.dtype());
-            let packed = inp.is_multiple_of(v)
-                && ld.is_multiple_of(v)
-                && self.hd.is_multiple_of(v)
-                && contiguous(x.1, "lora input")?.0.is_multiple_of(v)
-                && a_offset.is_multiple_of(v);
-            const ROWS: usize = 2; // rows per block of the packed kernel (kernels/fused.cu)
-            let name = format!("lora_input{}_{}", if packed { "_packed" } else { "" }, suffix(x.0.dtype())?);
-            let func = dev.get_or_load_custom_func(&name, MODULE, PTX)?;
-            let blocks = if packed { n.div_ceil(ROWS) } else { n };
-            let cfg =
-                LaunchConfig { grid_dim: (blocks.max(1) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
-            let [r, ld_i, t, mode] = tail.ints;
-            let n_rows = n as i64;
-            let (inp_i, hd) = (inp as i32, self.hd as i32);
-            let mut b = func.builder();
-            b.arg(&xv);
-            match &tail.a {
-                Some(a) => b.arg(a),
-                None => b.arg(&tail.null),
-            };
-            match &tail.mask {
-                Some(m) => b.arg(m),
-                None => b.arg(&tail.null),
-            };
-            b.arg(&out);
-            if packed {
-                b.arg(&n_rows);
-            }
-            for v in [&inp_i, &r, &ld_i, &t, &mode, &hd] {
-                b.arg(v);
-            }
-            // SAFETY: argument types match the kernel's signature; one block per token row (or two).
-            unsafe { b.launch(cfg) }.w()?;
-            Ok((CudaStorage::wrap_cuda_slice(out, dev.clone()), Shape::from((n, ld))))
-        })
+        let dev = s.device().clone();
+        let v = pack(s.dtype());
+        let align = if hd.is_multiple_of(v) && ld.is_multiple_of(v) { v } else { 1 };
+        let xv = view::<T>(s, l, "merge heads", align)?;
+        // SAFETY: every element is written by the kernel.
+        let out = unsafe { dev.alloc::<T>(b * t * ld)? };
+        let func = dev.get_or_load_custom_func(&format!("merge_heads_{}", suffix(s.dtype())?), MODULE, PTX)?;
+        let cfg = LaunchConfig { grid_dim: ((b * t).max(1) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        let ints = [nh as i32, hd as i32, t as i32, ld as i32];
+        let mut bld = func.builder();
+        bld.arg(&xv);
+        bld.arg(&out);
+        for i in &ints {
+            bld.arg(i);
+        }
+        // SAFETY: argument types match the kernel's signature; one block per token row.
+        unsafe { bld.launch(cfg) }.w()?;
+        Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from((b * t, ld))))
     }
 }
 
-impl CustomOp1 for LoraInput {
-    cuda_only!(op1, "fused-lora-input");
+impl CustomOp1 for MergeHeads {
+    cuda_only!(op1, "fused-merge-heads");
 
-    fn cuda_fwd(&self, x: &CudaStorage, xl: &Layout) -> candle_core::Result<(CudaStorage, Shape)> {
-        by_dtype!(x.dtype(), T => self.go::<T>((x, xl)))
+    fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> candle_core::Result<(CudaStorage, Shape)> {
+        by_dtype!(s.dtype(), T => self.go::<T>(s, l))
+    }
+}
+
+/// In place over xh [N, ld] (N = B·t token rows): zeroes the LoRA columns xh[:, in, in + R) where
+/// mask [B, 1, R] (model dtype) is 0 for the token's batch row.
+pub fn lora_mask_(xh: &Tensor, mask: &Tensor, inp: usize, t: usize) -> candle_core::Result<()> {
+    xh.inplace_op2(&mask.contiguous()?, &LoraMask { inp, t })
+}
+
+struct LoraMask {
+    inp: usize,
+    t: usize,
+}
+
+impl InplaceOp2 for LoraMask {
+    cuda_only!(inplace2, "fused-lora-mask");
+
+    fn cuda_fwd(&self, xh: &mut CudaStorage, xl: &Layout, m: &CudaStorage, ml: &Layout) -> candle_core::Result<()> {
+        let (n, ld) = xl.shape().dims2()?;
+        let (b, r) = (ml.shape().dims()[0], ml.shape().elem_count() / ml.shape().dims()[0].max(1));
+        if self.t == 0 || n != b * self.t || self.inp + r > ld {
+            candle_core::bail!("lora mask: {:?} for rows {:?} with {} columns of x", ml.dims(), xl.dims(), self.inp);
+        }
+        let (start, end) = contiguous(xl, "lora mask input")?;
+        let dev = xh.device().clone();
+        let name = format!("lora_mask_{}", suffix(xh.dtype())?);
+        let func = dev.get_or_load_custom_func(&name, MODULE, PTX)?;
+        let total = n * r;
+        let cfg = LaunchConfig {
+            grid_dim: (total.div_ceil(256).max(1) as u32, 1, 1),
+            block_dim: (256, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let (n_rows, ints) = (n as i64, [self.inp as i32, r as i32, ld as i32, self.t as i32]);
+        macro_rules! go {
+            ($t:ty) => {{
+                let mut x = xh.as_cuda_slice_mut::<$t>()?.slice_mut(start..end);
+                let mv = view::<$t>(m, ml, "lora mask", 1)?;
+                let mut bld = func.builder();
+                bld.arg(&mut x);
+                bld.arg(&mv);
+                bld.arg(&n_rows);
+                for i in &ints {
+                    bld.arg(i);
+                }
+                // SAFETY: argument types match the kernel's signature; one thread per value.
+                unsafe { bld.launch(cfg) }.w()?;
+            }};
+        }
+        match xh.dtype() {
+            DType::BF16 => go!(bf16),
+            DType::F16 => go!(f16),
+            DType::F32 => go!(f32),
+            d => candle_core::bail!("lora mask takes f32, bf16 or f16, not {d:?}"),
+        }
+        Ok(())
     }
 }
 

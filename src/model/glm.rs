@@ -9,7 +9,7 @@ use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor, D};
 
 use super::config::{Layout, ModelConfig};
-use super::lora::{Linear, LoraDelta, LoraStack, LoraTail, RowSelection};
+use super::lora::{Linear, LoraDelta, LoraStack, RowSelection};
 use super::profile;
 use super::weights::TensorSource;
 
@@ -387,26 +387,20 @@ impl Glm {
     ) -> Result<(Tensor, Tensor)> {
         let sel = ctx.sel;
         let dev = &self.device;
-        // On CUDA the norms and SwiGLU also write the next linear's LoRA columns (`Linear::tail`).
-        let t = x.dim(1)?;
-        let fused = self.fused();
-        let tail = |lin: &Linear, on: bool| if on { lin.tail(sel, t) } else { Ok(None) };
-        let qkv_tail = tail(&l.qkv, self.fused_norm())?;
+        // On CUDA the norms and SwiGLU write rows with room for the next linear's LoRA columns.
         let (x, h) =
-            profile::section("norm_residual", dev, || self.add_norm(x, pending, &l.input_norm, qkv_tail.as_ref()))?;
+            profile::section("norm_residual", dev, || self.add_norm(x, pending, &l.input_norm, l.qkv.input_width()))?;
         let mut a = self.attention(l, &h, ctx, kv)?;
-        let gate_up_tail = tail(&l.gate_up, self.fused_norm())?;
         let (x, h) = profile::section("norm_residual", dev, || {
             if let Some(n) = &l.post_self_attn_norm {
                 a = self.rms_norm(&a, n)?;
             }
-            self.add_norm(&x, Some(&a), &l.post_attn_norm, gate_up_tail.as_ref())
+            self.add_norm(&x, Some(&a), &l.post_attn_norm, l.gate_up.input_width())
         })?;
-        let gu = l.gate_up.forward(&h, sel, fused)?;
+        let gu = l.gate_up.forward(&h, sel)?;
         let m = self.cfg.intermediate_size;
-        let down_tail = tail(&l.down, fused)?;
-        let act = profile::section("swiglu", dev, || self.swiglu(&gu, m, down_tail.as_ref()))?;
-        let mut d = l.down.forward(&act, sel, fused)?;
+        let act = profile::section("swiglu", dev, || self.swiglu(&gu, m, l.down.input_width()))?;
+        let mut d = l.down.forward(&act, sel)?;
         if let Some(n) = &l.post_mlp_norm {
             d = profile::section("norm_residual", dev, || self.rms_norm(&d, n))?;
         }
@@ -414,21 +408,15 @@ impl Glm {
     }
 
     /// (x + a, RMSNorm(x + a)·w), or (x, RMSNorm(x)·w) without `a`; one kernel on CUDA, whose norm
-    /// output also carries `tail` (the next linear's LoRA columns).
+    /// rows are `ld` values long (zeros after the norm: room for the next linear's LoRA columns).
     #[allow(unused_variables)]
-    fn add_norm(
-        &self,
-        x: &Tensor,
-        a: Option<&Tensor>,
-        w: &Tensor,
-        tail: Option<&LoraTail>,
-    ) -> Result<(Tensor, Tensor)> {
+    fn add_norm(&self, x: &Tensor, a: Option<&Tensor>, w: &Tensor, ld: Option<usize>) -> Result<(Tensor, Tensor)> {
         #[cfg(feature = "cuda")]
         if self.fused_norm() {
             let eps = self.cfg.rms_eps as f32;
             return Ok(match a {
-                Some(a) => super::cuda_ops::add_rms_norm(x, a, w, eps, tail)?,
-                None => (x.clone(), super::cuda_ops::rms_norm(x, w, eps, tail)?),
+                Some(a) => super::cuda_ops::add_rms_norm(x, a, w, eps, ld)?,
+                None => (x.clone(), super::cuda_ops::rms_norm(x, w, eps, ld)?),
             });
         }
         let x = match a {
@@ -444,7 +432,7 @@ impl Glm {
         let c = &self.cfg;
         let (b, t, _) = x.dims3()?;
         let (nh, kvh, d) = (c.num_heads, c.num_kv_heads, c.head_dim);
-        let qkv = l.qkv.forward(x, sel, self.fused())?; // [B, T, (nh + 2·kvh)·D]
+        let qkv = l.qkv.forward(x, sel)?; // [B, T, (nh + 2·kvh)·D]
         let dev = &self.device;
         // Sub-sections so the profile shows where attention time goes.
         let (q, k, v) = profile::section("attention: heads + rope", dev, || {
@@ -534,20 +522,18 @@ impl Glm {
     }
 
     /// Whether norms run as the fused kernel (its 16-byte loads need a hidden size in whole packs).
+    #[cfg(feature = "cuda")]
     fn fused_norm(&self) -> bool {
-        #[cfg(feature = "cuda")]
-        return self.fused() && super::cuda_ops::row_kernel_fits(self.cfg.hidden_size, self.dtype);
-        #[cfg(not(feature = "cuda"))]
-        false
+        self.fused() && super::cuda_ops::row_kernel_fits(self.cfg.hidden_size, self.dtype)
     }
 
-    /// silu(gate) · up of the fused gate/up output [.., 2m] → [.., m] (on CUDA [.., m + width] with
-    /// the down projection's LoRA columns `tail`).
+    /// silu(gate) · up of the fused gate/up output [.., 2m] → [.., m] (on CUDA rows of `ld` values,
+    /// zeros after the m: room for the down projection's LoRA columns).
     #[allow(unused_variables)]
-    fn swiglu(&self, gu: &Tensor, m: usize, tail: Option<&LoraTail>) -> Result<Tensor> {
+    fn swiglu(&self, gu: &Tensor, m: usize, ld: Option<usize>) -> Result<Tensor> {
         #[cfg(feature = "cuda")]
         if self.fused() {
-            return Ok(super::cuda_ops::swiglu(&gu.contiguous()?, tail)?);
+            return Ok(super::cuda_ops::swiglu(&gu.contiguous()?, ld)?);
         }
         Ok((candle_nn::ops::silu(&gu.narrow(D::Minus1, 0, m)?)? * gu.narrow(D::Minus1, m, m)?)?)
     }

@@ -11,12 +11,6 @@ use std::collections::HashMap;
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor};
 
-#[cfg(feature = "cuda")]
-pub use super::cuda_ops::LoraTail;
-/// Without CUDA no kernel appends the side path's columns: never constructed.
-#[cfg(not(feature = "cuda"))]
-pub enum LoraTail {}
-
 /// One low-rank delta on (part of) a fused linear: rows `out_start..out_start+b.rows` of its output.
 #[derive(Debug, Clone)]
 pub struct LoraDelta {
@@ -197,76 +191,71 @@ impl Linear {
         Ok(())
     }
 
-    /// x: [B, T, in] → [B, T, out]. With adapters attached, x may already carry the side path's
-    /// columns, [B, T, in + width] (written by the kernel that produced x, see `tail`); otherwise they
-    /// are appended here (`fused`: by one CUDA kernel).
-    pub fn forward(&self, x: &Tensor, sel: &RowSelection, fused: bool) -> Result<Tensor> {
+    /// x: [B, T, in] → [B, T, out]. With adapters attached, x may instead be rows of `input_width()`
+    /// values, [x | 0], written so by the kernel that produced x: the side path's columns are then
+    /// filled in place; otherwise [x | h | 0] is built here.
+    pub fn forward(&self, x: &Tensor, sel: &RowSelection) -> Result<Tensor> {
         let (b, t, inp) = x.dims3()?;
         let x2 = x.reshape((b * t, inp))?;
         let input = match &self.lora {
             None => x2,
-            Some(stack) if inp == self.in_features + stack.width => x2,
-            Some(stack) => self.lora_input(&x2, None, stack, sel, t, fused)?,
+            Some(stack) if inp == self.in_features + stack.width => {
+                self.fill_h(&x2, stack, sel, t)?;
+                x2
+            }
+            Some(stack) => self.lora_input(&x2, stack, sel, t)?,
         };
         self.gemm(&input, b, t, x.device())
     }
 
     /// As `forward` for attention's heads-first output x [B, nh, T, D], merged to [B, T, nh·D] first
-    /// (on CUDA with adapters attached, merged by the kernel that builds [x | h]).
+    /// (on CUDA by a kernel that leaves room for the LoRA columns).
+    #[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
     pub fn forward_heads(&self, x: &Tensor, sel: &RowSelection, fused: bool) -> Result<Tensor> {
         let (b, nh, t, d) = x.dims4()?;
-        if let (Some(stack), true) = (&self.lora, fused && cfg!(feature = "cuda")) {
-            let input = self.lora_input(x, Some(d), stack, sel, t, fused)?;
-            return self.gemm(&input, b, t, x.device());
+        #[cfg(feature = "cuda")]
+        if let (Some(ld), true) = (self.input_width(), fused) {
+            let merged = super::profile::section("attention: merge heads", x.device(), || {
+                Ok(super::cuda_ops::merge_heads(x, ld)?.reshape((b, t, ld))?)
+            })?;
+            return self.forward(&merged, sel);
         }
         let merged = super::profile::section("attention: merge heads", x.device(), || {
             Ok(x.transpose(1, 2)?.reshape((b, t, nh * d))?)
         })?;
-        self.forward(&merged, sel, fused)
+        self.forward(&merged, sel)
     }
 
-    /// What a CUDA kernel producing this linear's input (t tokens per batch row) appends to each
-    /// row for the side path; None without adapters.
-    #[cfg(feature = "cuda")]
-    pub fn tail(&self, sel: &RowSelection, t: usize) -> Result<Option<LoraTail>> {
-        use super::cuda_ops::LoraRows;
-        let Some(stack) = &self.lora else { return Ok(None) };
-        let rows = match sel.mask(stack)? {
-            Mask::Skip => LoraRows::None,
-            Mask::All => LoraRows::All,
-            Mask::Rows(m) => LoraRows::Masked(m),
-        };
-        Ok(Some(LoraTail { a: stack.a.clone(), rows, width: stack.width, t }))
+    /// With adapters attached, the row width of an input that has room for the side path's columns
+    /// ([x | h | 0], k a multiple of 64 on CUDA): what a kernel producing this linear's input writes.
+    pub fn input_width(&self) -> Option<usize> {
+        self.lora.as_ref().map(|s| self.in_features + s.width)
     }
 
-    #[cfg(not(feature = "cuda"))]
-    pub fn tail(&self, _sel: &RowSelection, _t: usize) -> Result<Option<LoraTail>> {
-        Ok(None)
-    }
-
-    /// [x | h | 0]: x [N, in] (or heads-first [B, nh, t, D] with `head_dim`), its masked x·Aᵀ, zeros
-    /// up to the stack's width.
+    /// Fills h = x·Aᵀ (masked per row) into rows [x | 0] of `input_width()` values, in place (CUDA).
     #[allow(unused_variables)]
-    fn lora_input(
-        &self,
-        x: &Tensor,
-        head_dim: Option<usize>,
-        stack: &LoraStack,
-        sel: &RowSelection,
-        t: usize,
-        fused: bool,
-    ) -> Result<Tensor> {
+    fn fill_h(&self, xh: &Tensor, stack: &LoraStack, sel: &RowSelection, t: usize) -> Result<()> {
+        super::profile::section("lora", xh.device(), || {
+            #[cfg(feature = "cuda")]
+            {
+                let mask = sel.mask(stack)?;
+                if !matches!(mask, Mask::Skip) {
+                    super::cuda_gemm::lora_h_(xh, &stack.a)?;
+                }
+                if let Mask::Rows(m) = mask {
+                    super::cuda_ops::lora_mask_(xh, &m, self.in_features, t)?;
+                }
+                Ok(())
+            }
+            #[cfg(not(feature = "cuda"))]
+            anyhow::bail!("LoRA columns are filled in place only on CUDA")
+        })
+    }
+
+    /// [x | h | 0] for x [N, in]: its masked x·Aᵀ, zeros up to the stack's width (candle's ops).
+    fn lora_input(&self, x: &Tensor, stack: &LoraStack, sel: &RowSelection, t: usize) -> Result<Tensor> {
         let dev = x.device();
         super::profile::section("lora", dev, || {
-            #[cfg(feature = "cuda")]
-            if fused {
-                if let Some(tail) = self.tail(sel, t)? {
-                    return Ok(super::cuda_ops::lora_input(x, &tail, head_dim)?);
-                }
-            }
-            if head_dim.is_some() {
-                anyhow::bail!("heads-first LoRA input needs the fused CUDA kernel");
-            }
             let (n, _) = x.dims2()?;
             let b = n / t;
             let r = stack.rank();
