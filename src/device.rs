@@ -14,8 +14,20 @@ pub fn select(arg: &str) -> Result<Device> {
         // anyway; per-tensor event tracking only adds driver calls to every kernel launch.
         unsafe { c.disable_event_tracking() };
         pool::keep_freed_memory(c);
+        pool::reset_peaks(c);
     }
     Ok(d)
+}
+
+/// GPU memory held by this process's tensors, in bytes: (in use now, most in use, most reserved from
+/// the driver, the CUDA context and libraries not counted); None on CPU.
+#[allow(unused_variables)]
+pub fn gpu_memory(device: &Device) -> Option<(u64, u64, u64)> {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(c) = device {
+        return pool::usage(c);
+    }
+    None
 }
 
 /// The CUDA memory pool that candle's allocations come from (cuMemAllocAsync on the default pool).
@@ -47,6 +59,37 @@ pub mod pool {
                 )
             };
         }
+    }
+
+    /// Starts the pool's high-water marks afresh (the only value they can be set to is 0).
+    pub fn reset_peaks(c: &CudaDevice) {
+        if let Some(pool) = default_pool(c) {
+            for attr in [
+                sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH,
+                sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RESERVED_MEM_HIGH,
+            ] {
+                let mut zero = 0u64;
+                // SAFETY: these attributes take a u64.
+                unsafe { sys::cuMemPoolSetAttribute(pool, attr, &mut zero as *mut u64 as *mut std::ffi::c_void) };
+            }
+        }
+    }
+
+    /// Bytes of the pool's memory: (in use now, most in use, most reserved from the driver).
+    pub fn usage(c: &CudaDevice) -> Option<(u64, u64, u64)> {
+        let pool = default_pool(c)?;
+        let get = |attr| {
+            let mut v = 0u64;
+            // SAFETY: these attributes are u64.
+            let r = unsafe { sys::cuMemPoolGetAttribute(pool, attr, &mut v as *mut u64 as *mut std::ffi::c_void) };
+            (r == sys::CUresult::CUDA_SUCCESS).then_some(v)
+        };
+        use sys::CUmemPool_attribute as A;
+        Some((
+            get(A::CU_MEMPOOL_ATTR_USED_MEM_CURRENT)?,
+            get(A::CU_MEMPOOL_ATTR_USED_MEM_HIGH)?,
+            get(A::CU_MEMPOOL_ATTR_RESERVED_MEM_HIGH)?,
+        ))
     }
 
     /// Hands the pool's unused memory back (before retrying after running out of memory).

@@ -17,7 +17,7 @@ use crate::device;
 use crate::finding::Finding;
 use crate::model;
 use crate::model::profile::section;
-use crate::report::{AdapterInfo, BaseInfo, Report, Timings, SCHEMA_VERSION};
+use crate::report::{AdapterInfo, BaseInfo, GpuMemory, Report, Timings, SCHEMA_VERSION};
 use crate::score::engine::{is_out_of_memory, score_and_generate, BatchLimits, GenOptions, Variant};
 use crate::score::metrics::{summarize, Measured};
 use crate::suite::Suite;
@@ -515,6 +515,7 @@ pub fn verify(opts: &Options) -> Result<Vec<Report>> {
     section("attach adapters", &dev, || base.attach(&attach))?;
     let layout = base.cfg.layout.as_str().to_string();
     let mut load_s = t_load.elapsed().as_secs_f64();
+    let used_after_load = device::gpu_memory(&dev).map(|(now, _, _)| now);
 
     let lim = limits(opts, &dev, &base.cfg)?;
     let gen_opts = GenOptions { stop_at_eos: !opts.ignore_eos };
@@ -677,6 +678,11 @@ pub fn verify(opts: &Options) -> Result<Vec<Report>> {
             samples,
             run: run.clone(),
             timings: Timings { load_s, score_s, generate_s, total_s: t0.elapsed().as_secs_f64() },
+            gpu_memory: device::gpu_memory(&dev).map(|(_, used, reserved)| GpuMemory {
+                after_load_gb: used_after_load.unwrap_or(0) as f64 / 1e9,
+                peak_used_gb: used as f64 / 1e9,
+                peak_reserved_gb: reserved as f64 / 1e9,
+            }),
         });
     }
     Ok(reports)

@@ -88,6 +88,7 @@ fn report(path: &str, verdict: Verdict, cause: &str, gain: f64) -> Report {
         samples,
         run: serde_json::json!({"data": ["data/train.jsonl"], "note": HOSTILE}),
         timings: Timings { load_s: 1.0, score_s: 2.0, generate_s: 3.0, total_s: 6.0 },
+        gpu_memory: None,
     }
 }
 

@@ -99,6 +99,16 @@ pub struct Timings {
     pub total_s: f64,
 }
 
+/// GPU memory of the run, GB (1e9 bytes): after loading the models and adapters, and at its peak
+/// (the CUDA memory pool's high-water marks: in use by tensors, and reserved from the driver; the
+/// CUDA context and libraries, ~0.5 GB more in nvidia-smi, are not counted).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct GpuMemory {
+    pub after_load_gb: f64,
+    pub peak_used_gb: f64,
+    pub peak_reserved_gb: f64,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Report {
     pub schema_version: u32,
@@ -113,6 +123,9 @@ pub struct Report {
     /// What was run: data files, recipe, suite, device (for baselines and reproducibility).
     pub run: serde_json::Value,
     pub timings: Timings,
+    /// On CUDA only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gpu_memory: Option<GpuMemory>,
 }
 
 impl Report {

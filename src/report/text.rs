@@ -92,7 +92,25 @@ pub fn render(r: &Report, color: bool) -> String {
         "\n  time: load {:.2}s, score {:.2}s, generate {:.2}s, total {:.2}s",
         t.load_s, t.score_s, t.generate_s, t.total_s
     );
+    if let Some(m) = &r.gpu_memory {
+        let _ = writeln!(
+            o,
+            "  GPU memory: {} after load, peak {} in use ({} reserved)",
+            size(m.after_load_gb),
+            size(m.peak_used_gb),
+            size(m.peak_reserved_gb)
+        );
+    }
     o
+}
+
+/// GB with one decimal, or MB below 1 GB (small models would all read 0.0 GB).
+fn size(gb: f64) -> String {
+    if gb < 1.0 {
+        format!("{:.1} MB", gb * 1e3)
+    } else {
+        format!("{gb:.1} GB")
+    }
 }
 
 fn gain(x: &super::SampleReport) -> f64 {
@@ -105,5 +123,14 @@ fn one_line(s: &str) -> String {
         format!("{}…", s.chars().take(100).collect::<String>())
     } else {
         s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn sizes_read_in_gb_or_mb() {
+        assert_eq!(super::size(35.21), "35.2 GB");
+        assert_eq!(super::size(0.0386), "38.6 MB");
     }
 }
