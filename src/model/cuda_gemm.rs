@@ -16,6 +16,8 @@ use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaStream, DevicePtr
 use candle_core::{CpuStorage, CudaStorage, CustomOp2, CustomOp3, DType, InplaceOp2, Layout, Shape, Tensor};
 use half::{bf16, f16};
 
+use super::cuda_ops::{by_dtype, cuda_only};
+
 /// cuBLASLt's recommended workspace on Hopper (32 MiB; 4 MiB is enough before it).
 const WORKSPACE: usize = 32 << 20;
 
@@ -131,25 +133,10 @@ impl State {
             lt::create_matmul_desc(sys::cublasComputeType_t::CUBLAS_COMPUTE_32F, sys::cudaDataType_t::CUDA_R_32F)
                 .map_err(err)?;
         let trans = candle_core::cuda_backend::cudarc::cublas::sys::cublasOperation_t::CUBLAS_OP_T;
-        // SAFETY: attribute buffers are live locals of the sizes given.
-        unsafe {
-            lt::set_matmul_desc_attribute(
-                desc,
-                sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_TRANSA,
-                &trans as *const _ as *const c_void,
-                std::mem::size_of_val(&trans),
-            )
-            .map_err(err)?;
-            if key.bias {
-                let epi = sys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_BIAS;
-                lt::set_matmul_desc_attribute(
-                    desc,
-                    sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_EPILOGUE,
-                    &epi as *const _ as *const c_void,
-                    std::mem::size_of_val(&epi),
-                )
-                .map_err(err)?;
-            }
+        set_desc(desc, sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_TRANSA, &trans)?;
+        if key.bias {
+            let epi = sys::cublasLtEpilogue_t::CUBLASLT_EPILOGUE_BIAS;
+            set_desc(desc, sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_EPILOGUE, &epi)?;
         }
         let a = lt::create_matrix_layout(ty, k, n, k as i64).map_err(err)?;
         let b = lt::create_matrix_layout(ty, k, m, key.ldx as i64).map_err(err)?;
@@ -197,6 +184,17 @@ impl State {
     }
 }
 
+/// Sets a matmul descriptor attribute to a plain value (a field of the descriptor's documented type).
+fn set_desc<T>(
+    desc: sys::cublasLtMatmulDesc_t,
+    attr: sys::cublasLtMatmulDescAttributes_t,
+    v: &T,
+) -> candle_core::Result<()> {
+    // SAFETY: `v` is live for the call and its size is passed with it; cuBLASLt copies the value.
+    unsafe { lt::set_matmul_desc_attribute(desc, attr, v as *const T as *const c_void, std::mem::size_of::<T>()) }
+        .map_err(err)
+}
+
 /// Alignment in bytes (≤ 256) common to device addresses.
 fn alignment(ptrs: &[u64]) -> usize {
     ptrs.iter().map(|&p| if p == 0 { 256 } else { 1usize << p.trailing_zeros().min(8) }).min().unwrap_or(256)
@@ -223,18 +221,12 @@ impl State {
             (p.desc, p.a, p.b, p.c, p.algo)
         };
         let (alpha, beta) = (1f32, 0f32);
+        if key.bias {
+            set_desc(desc, sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias)?;
+        }
         // SAFETY: the plan's layouts describe these buffers (checked by the callers); they outlive the
         // call, which is queued on `stream` like every other use of them.
         unsafe {
-            if key.bias {
-                lt::set_matmul_desc_attribute(
-                    desc,
-                    sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_BIAS_POINTER,
-                    &bias as *const _ as *const c_void,
-                    std::mem::size_of_val(&bias),
-                )
-                .map_err(err)?;
-            }
             lt::matmul(
                 self.handle,
                 desc,
@@ -304,12 +296,7 @@ impl LtLinear {
                 CudaStorage::wrap_cuda_slice(out, dev.clone())
             }};
         }
-        let out = match xs.dtype() {
-            DType::BF16 => go!(bf16),
-            DType::F16 => go!(f16),
-            DType::F32 => go!(f32),
-            d => candle_core::bail!("cuBLASLt linear takes bf16, f16 or f32, not {d:?}"),
-        };
+        let out = by_dtype!(xs.dtype(), T => go!(T));
         Ok((out, Shape::from((m, n))))
     }
 }
@@ -323,12 +310,8 @@ pub fn lora_h_(xh: &Tensor, a: &Tensor) -> candle_core::Result<()> {
 struct LoraH;
 
 impl InplaceOp2 for LoraH {
-    fn name(&self) -> &'static str {
-        "lt-lora-h"
-    }
-    fn cpu_fwd(&self, _: &mut CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout) -> candle_core::Result<()> {
-        candle_core::bail!("lt-lora-h runs on CUDA only")
-    }
+    cuda_only!(inplace2, "lt-lora-h");
+
     fn cuda_fwd(&self, xs: &mut CudaStorage, xl: &Layout, a: &CudaStorage, al: &Layout) -> candle_core::Result<()> {
         let (m, ld) = xl.shape().dims2()?;
         let (r, k) = al.shape().dims2()?;
@@ -354,12 +337,7 @@ impl InplaceOp2 for LoraH {
                 st.launch(key, &stream, ap, x, x + k as u64 * size, 0)?;
             }};
         }
-        match xs.dtype() {
-            DType::BF16 => go!(bf16),
-            DType::F16 => go!(f16),
-            DType::F32 => go!(f32),
-            d => candle_core::bail!("LoRA h takes bf16, f16 or f32, not {d:?}"),
-        }
+        by_dtype!(xs.dtype(), T => go!(T));
         Ok(())
     }
 }
@@ -376,18 +354,8 @@ fn slice<'a, T: candle_core::cuda_backend::CudaDType>(
 }
 
 impl CustomOp2 for LtLinear {
-    fn name(&self) -> &'static str {
-        "lt-linear"
-    }
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        candle_core::bail!("lt-linear runs on CUDA only")
-    }
+    cuda_only!(op2, "lt-linear");
+
     fn cuda_fwd(
         &self,
         xs: &CudaStorage,
@@ -400,14 +368,8 @@ impl CustomOp2 for LtLinear {
 }
 
 impl CustomOp3 for LtLinear {
-    fn name(&self) -> &'static str {
-        "lt-linear-bias"
-    }
-    #[rustfmt::skip]
-    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout, _: &CpuStorage, _: &Layout)
-        -> candle_core::Result<(CpuStorage, Shape)> {
-        candle_core::bail!("lt-linear runs on CUDA only")
-    }
+    cuda_only!(op3, "lt-linear-bias");
+
     fn cuda_fwd(
         &self,
         xs: &CudaStorage,

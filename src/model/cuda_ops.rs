@@ -56,6 +56,8 @@ macro_rules! cuda_only {
     };
 }
 
+pub(crate) use cuda_only;
+
 /// Runs `$body` with `$t` the Rust type of `$dtype` (bf16, f16 or f32).
 macro_rules! by_dtype {
     ($dtype:expr, $t:ident => $body:expr) => {
@@ -76,6 +78,7 @@ macro_rules! by_dtype {
         }
     };
 }
+pub(crate) use by_dtype;
 
 /// A contiguous input as a typed device view; `align` elements of alignment for 16-byte loads.
 fn view<'a, T: CudaDType>(
@@ -594,12 +597,7 @@ impl InplaceOp2 for LoraMask {
                 unsafe { bld.launch(cfg) }.w()?;
             }};
         }
-        match xh.dtype() {
-            DType::BF16 => go!(bf16),
-            DType::F16 => go!(f16),
-            DType::F32 => go!(f32),
-            d => candle_core::bail!("lora mask takes f32, bf16 or f16, not {d:?}"),
-        }
+        by_dtype!(xh.dtype(), T => go!(T));
         Ok(())
     }
 }
