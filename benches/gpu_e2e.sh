@@ -96,8 +96,12 @@ if w and a:
 if warm:
     r = warm["reports"][0] if "reports" in warm else warm
     s = r["samples"]; print(f"glm4-verify: mean delta logprob per sample {sum(x['logprob_tuned'] - x['logprob_base'] for x in s) / len(s):.3f}; verdict {r['verdict']}")
-for n, wl in (("cold", wc), ("warm", ww), ("four adapters", wf), ("again", wa), ("lean", wl_)):
-    if wl: print(f"glm4-verify {n}: wall {wl['wall_s']:.2f}s, peak GPU memory {wl['peak_mem_mib']} MiB")
+for n, wl, rep in (("cold", wc, cold), ("warm", ww, warm), ("four adapters", wf, four), ("again", wa, again), ("lean", wl_, lean)):
+    if not wl: continue
+    line = f"glm4-verify {n}: wall {wl['wall_s']:.2f}s, peak GPU memory {wl['peak_mem_mib']} MiB (nvidia-smi)"
+    m = rep and (rep["reports"][0] if "reports" in rep else rep).get("gpu_memory")
+    if m: line += f"; its report: {m['after_load_gb']:.1f} GB after load, peak {m['peak_used_gb']:.1f} GB in use, {m['peak_reserved_gb']:.1f} GB reserved"
+    print(line)
 f = ours(four)
 if f and w: print(f"four adapters of one base: load {f['load_s']:.2f}s (one adapter: {w['load_s']:.2f}s), total {f['total_s']:.2f}s")
 PY
