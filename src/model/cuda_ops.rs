@@ -567,7 +567,7 @@ impl InplaceOp2 for LoraMask {
 
     fn cuda_fwd(&self, xh: &mut CudaStorage, xl: &Layout, m: &CudaStorage, ml: &Layout) -> candle_core::Result<()> {
         let (n, ld) = xl.shape().dims2()?;
-        let (b, r) = (ml.shape().dims()[0], ml.shape().elem_count() / ml.shape().dims()[0].max(1));
+        let (b, _, r) = ml.shape().dims3()?;
         if self.t == 0 || n != b * self.t || self.inp + r > ld {
             candle_core::bail!("lora mask: {:?} for rows {:?} with {} columns of x", ml.dims(), xl.dims(), self.inp);
         }
