@@ -38,9 +38,7 @@ pub fn linear_algo(x: &Tensor, w: &Tensor, bias: Option<&Tensor>, algo: usize) -
 /// How many algorithms the heuristic offers for this shape (for benchmarks).
 pub fn candidates(m: usize, n: usize, k: usize, dtype: DType, dev: &candle_core::Device) -> candle_core::Result<usize> {
     let candle_core::Device::Cuda(cuda) = dev else { candle_core::bail!("cuBLASLt needs a CUDA device") };
-    let st = state(cuda)?;
-    let mut st = st.lock().map_err(|_| candle_core::Error::Msg("cuBLASLt state poisoned".into()))?;
-    Ok(st.plan(Key::dense(m, n, k, dtype))?.count)
+    with_state(cuda, |st, _| Ok(st.plan(Key::dense(m, n, k, dtype))?.count))
 }
 
 /// GLM4_VERIFY_GEMM_ALGO=i picks the heuristic's i-th candidate everywhere (to compare them).
@@ -91,20 +89,30 @@ struct State {
 // SAFETY: the raw cuBLASLt handles are only used under the state's mutex.
 unsafe impl Send for State {}
 
-fn state(dev: &candle_core::CudaDevice) -> candle_core::Result<Arc<Mutex<State>>> {
+/// Runs `f` with the device's cuBLASLt state (created on first use) locked, and the device's stream.
+fn with_state<R>(
+    dev: &candle_core::CudaDevice,
+    f: impl FnOnce(&mut State, &Arc<CudaStream>) -> candle_core::Result<R>,
+) -> candle_core::Result<R> {
     static STATES: OnceLock<Mutex<HashMap<usize, Arc<Mutex<State>>>>> = OnceLock::new();
-    let all = STATES.get_or_init(|| Mutex::new(HashMap::new()));
-    let mut all = all.lock().map_err(|_| candle_core::Error::Msg("cuBLASLt state poisoned".into()))?;
-    let ordinal = dev.cuda_stream().context().ordinal();
-    if let Some(s) = all.get(&ordinal) {
-        return Ok(s.clone());
-    }
-    let handle = lt::create_handle().map_err(err)?;
-    // SAFETY: scratch memory, never read before cuBLASLt writes it.
-    let workspace = unsafe { dev.alloc::<u8>(WORKSPACE)? };
-    let s = Arc::new(Mutex::new(State { handle, workspace, plans: HashMap::new() }));
-    all.insert(ordinal, s.clone());
-    Ok(s)
+    let stream = dev.cuda_stream();
+    let st = {
+        let all = STATES.get_or_init(|| Mutex::new(HashMap::new()));
+        let mut all = all.lock().map_err(|_| err("state poisoned"))?;
+        match all.get(&stream.context().ordinal()) {
+            Some(s) => s.clone(),
+            None => {
+                let handle = lt::create_handle().map_err(err)?;
+                // SAFETY: scratch memory, never read before cuBLASLt writes it.
+                let workspace = unsafe { dev.alloc::<u8>(WORKSPACE)? };
+                let s = Arc::new(Mutex::new(State { handle, workspace, plans: HashMap::new() }));
+                all.insert(stream.context().ordinal(), s.clone());
+                s
+            }
+        }
+    };
+    let mut st = st.lock().map_err(|_| err("state poisoned"))?;
+    f(&mut st, &stream)
 }
 
 fn err(e: impl std::fmt::Debug) -> candle_core::Error {
@@ -275,11 +283,9 @@ impl LtLinear {
         }
         let dev = xs.device().clone();
         let key = Key { bias: bias.is_some(), algo: self.algo, ..Key::dense(m, n, k, xs.dtype()) };
-        let st = state(&dev)?;
-        let mut st = st.lock().map_err(|_| err("state poisoned"))?;
-        let stream = dev.cuda_stream();
         macro_rules! go {
-            ($t:ty) => {{
+            ($t:ty, $st:ident, $stream:ident) => {{
+                let (st, stream) = ($st, $stream);
                 let xv = slice::<$t>(xs, xl, "x")?;
                 let wv = slice::<$t>(ws, wl, "weight")?;
                 let bv = bias.map(|(bs, bl)| slice::<$t>(bs, bl, "bias")).transpose()?;
@@ -296,7 +302,7 @@ impl LtLinear {
                 CudaStorage::wrap_cuda_slice(out, dev.clone())
             }};
         }
-        let out = by_dtype!(xs.dtype(), T => go!(T));
+        let out = with_state(&dev, |st, stream| Ok(by_dtype!(xs.dtype(), T => go!(T, st, stream))))?;
         Ok((out, Shape::from((m, n))))
     }
 }
@@ -323,11 +329,9 @@ impl InplaceOp2 for LoraH {
             .ok_or_else(|| candle_core::Error::Msg("LoRA h: the rows must be contiguous".into()))?;
         let dev = xs.device().clone();
         let key = Key { ldx: ld, ldy: ld, ..Key::dense(m, r, k, xs.dtype()) };
-        let st = state(&dev)?;
-        let mut st = st.lock().map_err(|_| err("state poisoned"))?;
-        let stream = dev.cuda_stream();
         macro_rules! go {
-            ($t:ty) => {{
+            ($t:ty, $st:ident, $stream:ident) => {{
+                let (st, stream) = ($st, $stream);
                 let av = slice::<$t>(a, al, "lora A")?;
                 let size = std::mem::size_of::<$t>() as u64;
                 let xv = xs.as_cuda_slice_mut::<$t>()?;
@@ -337,8 +341,10 @@ impl InplaceOp2 for LoraH {
                 st.launch(key, &stream, ap, x, x + k as u64 * size, 0)?;
             }};
         }
-        by_dtype!(xs.dtype(), T => go!(T));
-        Ok(())
+        with_state(&dev, |st, stream| {
+            by_dtype!(xs.dtype(), T => go!(T, st, stream));
+            Ok(())
+        })
     }
 }
 
