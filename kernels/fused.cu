@@ -3,6 +3,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <math.h>
+#include <stdint.h>
 
 __device__ __forceinline__ float to_f(float x) { return x; }
 __device__ __forceinline__ float to_f(__nv_bfloat16 x) { return __bfloat162float(x); }
@@ -241,6 +242,189 @@ __device__ void qkv_rope(const T *qkv, const T *cos, const T *sin, T *out, int b
     dst[2 * p + 1] = from_f<T>(y1);
   }
 }
+
+// Flash attention (WORK IN PROGRESS, not yet run on a GPU): softmax(scale · q·kᵀ + mask)·v without
+// writing the scores, tensor cores through mma.sync m16n8k16 (bf16/f16 in, f32 accumulators).
+// q [B, nh, t, D] contiguous; k, v [B, kvh, s, D] with rows of D and heads kv_hs elements apart (a
+// KV-cache view); query i (position s - t + i) of batch row b sees keys pad[b] <= j <= s - t + i.
+// Rounded as the eager path: scores to T, × scale to T, softmax in f32 (online: running max and sum,
+// probabilities to T for the p·v product), output to T. Output rows out[(b·t + i)·ld + h·D + d] (the
+// o projection's input, heads merged), zeros in columns [nh·D, ld) (its LoRA columns, see zero_tail).
+// Grid (ceil(t / 64), nh, B), 128 threads: warp w takes query rows 16w..16w+15 of the block's 64.
+template <typename T> struct Mma;
+template <> struct Mma<__nv_bfloat16> {
+  static __device__ __forceinline__ void run(float *c, const uint32_t *a, uint32_t b0, uint32_t b1) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+                 "{%0,%1,%2,%3};"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+};
+template <> struct Mma<__half> {
+  static __device__ __forceinline__ void run(float *c, const uint32_t *a, uint32_t b0, uint32_t b1) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+                 "{%0,%1,%2,%3};"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+};
+
+// Two values of T in one 32-bit register (the first in the low half), as mma.sync takes them.
+template <typename T> __device__ __forceinline__ uint32_t pack2(float lo, float hi) {
+  T l = from_f<T>(lo), h = from_f<T>(hi);
+  return (uint32_t)(*reinterpret_cast<unsigned short *>(&l)) | ((uint32_t)(*reinterpret_cast<unsigned short *>(&h)) << 16);
+}
+template <typename T> __device__ __forceinline__ uint32_t pair(T lo, T hi) {
+  return (uint32_t)(*reinterpret_cast<unsigned short *>(&lo)) | ((uint32_t)(*reinterpret_cast<unsigned short *>(&hi)) << 16);
+}
+
+template <typename T, int D>
+__device__ void flash_attn(const T *q, const T *k, const T *v, const unsigned int *pad, T *out, int nh, int kvh,
+                           int t, int s, long long kv_hs, int ld, float scale) {
+  constexpr int BR = 64, BC = 64, KS = D / 16, ND = D / 8, NT = BC / 8, SP = D + 8;
+  __shared__ __align__(16) T ks[BC * SP];
+  __shared__ __align__(16) T vs[BC * SP];
+  const int b = blockIdx.z, h = blockIdx.y, q0 = blockIdx.x * BR;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tq = lane & 3;
+  const int offset = s - t, lo = (int)pad[b];
+  const int kv = h / (nh / kvh);
+  const T *qh = q + ((long long)b * nh + h) * t * D;
+  const T *kh = k + ((long long)b * kvh + kv) * kv_hs;
+  const T *vh = v + ((long long)b * kvh + kv) * kv_hs;
+  const int row[2] = {q0 + warp * 16 + g, q0 + warp * 16 + g + 8};
+  // This thread's part of the warp's 16 query rows, as A fragments (row-major 16×16 per k step).
+  uint32_t qa[KS][4];
+#pragma unroll
+  for (int kk = 0; kk < KS; kk++)
+#pragma unroll
+    for (int r = 0; r < 4; r++) {
+      int i = row[r & 1], c = kk * 16 + tq * 2 + (r >> 1) * 8;
+      qa[kk][r] = i < t ? *reinterpret_cast<const uint32_t *>(qh + (long long)i * D + c) : 0u;
+    }
+  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
+  float o[ND][4];
+#pragma unroll
+  for (int n = 0; n < ND; n++) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.0f;
+  const int last = min(q0 + BR, t) - 1;  // the block's last query row
+  const int warp_last = min(q0 + warp * 16 + 15, t - 1);
+  for (int j0 = (lo / BC) * BC; j0 <= offset + last && j0 < s; j0 += BC) {
+    __syncthreads();  // the previous tile is no longer read
+    for (int idx = threadIdx.x; idx < BC * D / 8; idx += blockDim.x) {
+      int r = idx / (D / 8), c = (idx % (D / 8)) * 8, j = j0 + r;
+      uint4 kz = make_uint4(0, 0, 0, 0), vz = kz;
+      if (j < s) {
+        kz = *reinterpret_cast<const uint4 *>(kh + (long long)j * D + c);
+        vz = *reinterpret_cast<const uint4 *>(vh + (long long)j * D + c);
+      }
+      *reinterpret_cast<uint4 *>(ks + r * SP + c) = kz;
+      *reinterpret_cast<uint4 *>(vs + r * SP + c) = vz;
+    }
+    __syncthreads();
+    if (warp_last < 0 || j0 > offset + warp_last) continue;  // no query of this warp sees this tile
+    // Scores of this warp's 16 rows against the tile's 64 keys: NT accumulators of 16×8.
+    float sc[NT][4];
+#pragma unroll
+    for (int n = 0; n < NT; n++) {
+      sc[n][0] = sc[n][1] = sc[n][2] = sc[n][3] = 0.0f;
+#pragma unroll
+      for (int kk = 0; kk < KS; kk++) {
+        const T *kr = ks + (n * 8 + g) * SP + kk * 16 + tq * 2;
+        Mma<T>::run(sc[n], qa[kk], *reinterpret_cast<const uint32_t *>(kr),
+                    *reinterpret_cast<const uint32_t *>(kr + 8));
+      }
+    }
+    // Round, scale and mask as the eager path; the tile's row maxima.
+    float tmax[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+    for (int n = 0; n < NT; n++)
+#pragma unroll
+      for (int e = 0; e < 4; e++) {
+        int i = row[e >> 1], j = j0 + n * 8 + tq * 2 + (e & 1);
+        bool seen = i < t && j < s && j >= lo && j <= offset + i;
+        float x = seen ? round_t<T>(round_t<T>(sc[n][e]) * scale) : -INFINITY;
+        sc[n][e] = x;
+        tmax[e >> 1] = fmaxf(tmax[e >> 1], x);
+      }
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+      tmax[r] = fmaxf(tmax[r], __shfl_xor_sync(0xffffffff, tmax[r], 1));
+      tmax[r] = fmaxf(tmax[r], __shfl_xor_sync(0xffffffff, tmax[r], 2));
+    }
+    float alpha[2], mn[2], sum[2] = {0.0f, 0.0f};
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+      mn[r] = fmaxf(m[r], tmax[r]);
+      alpha[r] = m[r] == -INFINITY ? 0.0f : expf(m[r] - mn[r]);
+      m[r] = mn[r];
+    }
+    // Probabilities relative to the running max, packed as the A fragments of p·v (k16 = two n8 tiles).
+    uint32_t pa[BC / 16][4];
+#pragma unroll
+    for (int n = 0; n < NT; n++) {
+      float p[4];
+#pragma unroll
+      for (int e = 0; e < 4; e++) {
+        float x = sc[n][e];
+        p[e] = x == -INFINITY ? 0.0f : expf(x - mn[e >> 1]);
+        sum[e >> 1] += p[e];
+      }
+      pa[n >> 1][(n & 1) * 2 + 0] = pack2<T>(p[0], p[1]);
+      pa[n >> 1][(n & 1) * 2 + 1] = pack2<T>(p[2], p[3]);
+    }
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+      sum[r] += __shfl_xor_sync(0xffffffff, sum[r], 1);
+      sum[r] += __shfl_xor_sync(0xffffffff, sum[r], 2);
+      l[r] = l[r] * alpha[r] + sum[r];
+    }
+#pragma unroll
+    for (int n = 0; n < ND; n++) {
+      o[n][0] *= alpha[0];
+      o[n][1] *= alpha[0];
+      o[n][2] *= alpha[1];
+      o[n][3] *= alpha[1];
+    }
+    // o += p·v: B fragments from the V tile (key rows tq·2, tq·2 + 1 and + 8 of the k step, column g).
+#pragma unroll
+    for (int kk = 0; kk < BC / 16; kk++) {
+      const T *vr = vs + (kk * 16 + tq * 2) * SP + g;
+#pragma unroll
+      for (int n = 0; n < ND; n++) {
+        const T *c = vr + n * 8;
+        Mma<T>::run(o[n], pa[kk], pair<T>(c[0], c[SP]), pair<T>(c[8 * SP], c[9 * SP]));
+      }
+    }
+  }
+  // Normalise and write the heads-merged rows.
+#pragma unroll
+  for (int r = 0; r < 2; r++) {
+    int i = row[r];
+    if (i >= t) continue;
+    float inv = l[r] > 0.0f ? 1.0f / l[r] : 0.0f;
+    T *dst = out + ((long long)b * t + i) * ld + h * D + tq * 2;
+#pragma unroll
+    for (int n = 0; n < ND; n++)
+      *reinterpret_cast<uint32_t *>(dst + n * 8) = pack2<T>(o[n][r * 2] * inv, o[n][r * 2 + 1] * inv);
+  }
+  if (h == 0)
+    for (int i = q0 + warp * 16; i < min(q0 + warp * 16 + 16, t); i++)
+      for (int c = nh * D + lane; c < ld; c += 32) out[((long long)b * t + i) * ld + c] = from_f<T>(0.0f);
+}
+
+#define FLASH(T, SUFFIX, D)                                                                                      \
+  extern "C" __global__ void flash_attn_##SUFFIX##_##D(const T *q, const T *k, const T *v, const unsigned int *pad, \
+                                                       T *out, int nh, int kvh, int t, int s, long long kv_hs,   \
+                                                       int ld, float scale) {                                    \
+    flash_attn<T, D>(q, k, v, pad, out, nh, kvh, t, s, kv_hs, ld, scale);                                        \
+  }
+FLASH(__nv_bfloat16, bf16, 16)
+FLASH(__nv_bfloat16, bf16, 32)
+FLASH(__nv_bfloat16, bf16, 64)
+FLASH(__nv_bfloat16, bf16, 128)
+FLASH(__half, f16, 16)
+FLASH(__half, f16, 32)
+FLASH(__half, f16, 64)
+FLASH(__half, f16, 128)
 
 #define INSTANTIATE(T, SUFFIX)                                                                              \
   extern "C" __global__ void swiglu_##SUFFIX(const T *gu, T *out, long long rows, long long m, long long ld) { \

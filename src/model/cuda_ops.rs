@@ -652,3 +652,126 @@ impl CustomOp2 for TargetLogProb {
         by_dtype!(x.dtype(), T => self.go::<T>((x, xl), (t, tl)))
     }
 }
+
+/// Flash attention (kernels/fused.cu `flash_attn`, work in progress): q [B, nh, t, D] (contiguous), k, v
+/// [B, kvh, s, D] (rows contiguous, heads any distance apart: KV-cache views), `pad` [B] u32 → the o
+/// projection's input rows [B·t, ld]: heads merged, zeros after nh·D. bf16/f16, D in {16, 32, 64, 128}.
+pub fn flash_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    pad: &Tensor,
+    scale: f32,
+    ld: usize,
+) -> candle_core::Result<Tensor> {
+    q.contiguous()?.apply_op3_no_bwd(k, v, &Flash { pad: pad.clone(), scale, ld })
+}
+
+/// Whether `flash_attention` takes this head size and dtype.
+pub fn flash_fits(head_dim: usize, dtype: DType) -> bool {
+    matches!(head_dim, 16 | 32 | 64 | 128) && matches!(dtype, DType::BF16 | DType::F16)
+}
+
+struct Flash {
+    pad: Tensor,
+    scale: f32,
+    ld: usize,
+}
+
+impl Flash {
+    /// (offset of the first element, distance between heads) of a [B, kvh, s, D] view with contiguous rows.
+    fn kv_layout(l: &Layout, what: &str) -> candle_core::Result<(usize, usize)> {
+        let (_, kvh, _, d) = l.shape().dims4()?;
+        let st = l.stride();
+        if st[3] != 1
+            || st[2] != d
+            || st[0] != kvh * st[1]
+            || !st[1].is_multiple_of(8)
+            || !l.start_offset().is_multiple_of(8)
+        {
+            candle_core::bail!("flash attention: {what} strides {st:?} for {:?}", l.dims());
+        }
+        Ok((l.start_offset(), st[1]))
+    }
+
+    fn go<T: CudaDType + DeviceRepr>(
+        &self,
+        q: (&CudaStorage, &Layout),
+        k: (&CudaStorage, &Layout),
+        v: (&CudaStorage, &Layout),
+    ) -> candle_core::Result<(CudaStorage, Shape)> {
+        let (b, nh, t, d) = q.1.shape().dims4()?;
+        let (kb, kvh, s, kd) = k.1.shape().dims4()?;
+        if kb != b || kd != d || v.1.dims() != k.1.dims() || kvh == 0 || nh % kvh != 0 || s < t || self.ld < nh * d {
+            candle_core::bail!(
+                "flash attention: q {:?}, k {:?}, v {:?}, rows of {}",
+                q.1.dims(),
+                k.1.dims(),
+                v.1.dims(),
+                self.ld
+            );
+        }
+        let (ko, khs) = Self::kv_layout(k.1, "k")?;
+        let (vo, vhs) = Self::kv_layout(v.1, "v")?;
+        if khs != vhs {
+            candle_core::bail!("flash attention: k and v heads {khs} and {vhs} apart");
+        }
+        let dev = q.0.device().clone();
+        let qv = view::<T>(q.0, q.1, "flash q", 8)?;
+        let kv = k.0.as_cuda_slice::<T>()?.slice(ko..);
+        let vv = v.0.as_cuda_slice::<T>()?.slice(vo..);
+        let (pg, pl) = self.pad.storage_and_layout();
+        let candle_core::Storage::Cuda(ps) = &*pg else {
+            candle_core::bail!("flash attention: pads must be on the GPU")
+        };
+        let pv = view::<u32>(ps, pl, "flash pads", 1)?;
+        if pv.len() != b {
+            candle_core::bail!("flash attention: {} pads for {b} rows", pv.len());
+        }
+        // SAFETY: every element is written by the kernel (heads, then zeros up to ld).
+        let out = unsafe { dev.alloc::<T>(b * t * self.ld)? };
+        let func = dev.get_or_load_custom_func(&format!("flash_attn_{}_{d}", suffix(q.0.dtype())?), MODULE, PTX)?;
+        let cfg = LaunchConfig {
+            grid_dim: (t.div_ceil(64) as u32, nh as u32, b as u32),
+            block_dim: (128, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        let ints = [nh as i32, kvh as i32, t as i32, s as i32];
+        let (hs, ld) = (khs as i64, self.ld as i32);
+        let mut bld = func.builder();
+        bld.arg(&qv);
+        bld.arg(&kv);
+        bld.arg(&vv);
+        bld.arg(&pv);
+        bld.arg(&out);
+        for i in &ints {
+            bld.arg(i);
+        }
+        bld.arg(&hs);
+        bld.arg(&ld);
+        bld.arg(&self.scale);
+        // SAFETY: argument types match the kernel's signature; the grid covers every (query block, head, row).
+        unsafe { bld.launch(cfg) }.w()?;
+        Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from((b * t, self.ld))))
+    }
+}
+
+impl CustomOp3 for Flash {
+    cuda_only!(op3, "flash-attention");
+
+    fn cuda_fwd(
+        &self,
+        q: &CudaStorage,
+        ql: &Layout,
+        k: &CudaStorage,
+        kl: &Layout,
+        v: &CudaStorage,
+        vl: &Layout,
+    ) -> candle_core::Result<(CudaStorage, Shape)> {
+        match q.dtype() {
+            DType::BF16 => self.go::<bf16>((q, ql), (k, kl), (v, vl)),
+            DType::F16 => self.go::<f16>((q, ql), (k, kl), (v, vl)),
+            d => candle_core::bail!("flash attention takes bf16 or f16, not {d:?}"),
+        }
+    }
+}

@@ -451,6 +451,19 @@ impl Glm {
             Some((cache, i)) => profile::section("attention: kv cache", dev, || cache.append(i, &k, &v))?,
             None => (k, v),
         };
+        #[cfg(feature = "cuda")]
+        if let (Some(pads), true) =
+            (&ctx.pads, t > 1 && flash_requested() && super::cuda_ops::flash_fits(d, self.dtype))
+        {
+            // Work in progress (GLM4_VERIFY_FLASH=1): one kernel writes the o projection's input rows.
+            // Prefill only: a block takes 64 query rows of one head, and decoding has one.
+            let ld = l.o.input_width().unwrap_or(nh * d);
+            let scale = (1.0 / (d as f64).sqrt()) as f32;
+            let rows = profile::section("attention: flash", dev, || {
+                Ok(super::cuda_ops::flash_attention(&q, &k, &v, pads, scale, ld)?)
+            })?;
+            return l.o.forward(&rows.reshape((b, t, ld))?, sel);
+        }
         let s = k.dim(2)?;
         // Grouped-query attention without copying K/V: heads j·g..(j+1)·g share kv head j.
         let g = nh / kvh;
@@ -593,6 +606,13 @@ impl Glm {
         let at: Vec<u32> = (0..b).map(|i| (i * t + t - 1) as u32).collect();
         self.logits_at(hidden, &at)
     }
+}
+
+/// GLM4_VERIFY_FLASH=1: attention by the flash kernel (work in progress, not yet run on a GPU).
+#[cfg(feature = "cuda")]
+fn flash_requested() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var_os("GLM4_VERIFY_FLASH").is_some_and(|v| v != "0"))
 }
 
 /// GLM4_VERIFY_UNFUSED=1, read once (the forward pass asks per layer).
