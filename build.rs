@@ -18,6 +18,8 @@ fn main() {
         .unwrap_or_else(|| "nvcc".into());
     let cap = std::env::var("CUDA_COMPUTE_CAP").unwrap_or_else(|_| "80".into());
     let cap = cap.trim_end_matches(['a', 'f']);
+    // The flash-attention kernel needs sm_80 (bf16 mma.sync, cp.async); src/model/cuda_ops.rs asks.
+    println!("cargo:rustc-env=GLM4_VERIFY_PTX_CAP={cap}");
     let status = Command::new(&nvcc)
         .args(["--ptx", "-O3", "-std=c++17", &format!("-arch=compute_{cap}"), "-o"])
         .arg(&out)

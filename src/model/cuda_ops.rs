@@ -284,9 +284,9 @@ impl QkvRope {
         let (x, cos, sin) =
             (x.0.slice(x.1 .0..x.1 .1), cos.0.slice(cos.1 .0..cos.1 .1), sin.0.slice(sin.1 .0..sin.1 .1));
         let func = dev.get_or_load_custom_func(name, MODULE, PTX)?;
-        let pairs = (n / 2) as u64;
-        let grid = pairs.div_ceil(256).clamp(1, 65535 * 16) as u32;
-        let cfg = LaunchConfig { grid_dim: (grid, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        // One block per token (the kernel strides over more than 2^31 - 1).
+        let grid = (b * t).clamp(1, i32::MAX as usize) as u32;
+        let cfg = LaunchConfig { grid_dim: (grid, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
         let mut bld = func.builder();
         let ints = [b, t, self.nh, self.kvh, self.d, self.rd].map(|v| v as i32);
         bld.arg(&x);
@@ -356,6 +356,10 @@ impl CustomOp3 for QkvRope {
         }
         let (xo, co, so) =
             (contiguous(xl, "qkv/rope")?, contiguous(cl, "qkv/rope cos")?, contiguous(sl, "qkv/rope sin")?);
+        if !xo.0.is_multiple_of(2) {
+            // The kernel reads (x0, x1) pairs as one aligned value.
+            candle_core::bail!("qkv/rope: input starts at odd offset {}", xo.0);
+        }
         let dev = x.device().clone();
         let name = format!("qkv_rope_{}", suffix(x.dtype())?);
         let n = b * t * (self.nh + 2 * self.kvh) * self.d;
@@ -653,7 +657,7 @@ impl CustomOp2 for TargetLogProb {
     }
 }
 
-/// Flash attention (kernels/fused.cu `flash_attn`, work in progress): q [B, nh, t, D] (contiguous), k, v
+/// Flash attention (kernels/fused.cu `flash_attn`): q [B, nh, t, D] (contiguous), k, v
 /// [B, kvh, s, D] (rows contiguous, heads any distance apart: KV-cache views), `pad` [B] u32 → the o
 /// projection's input rows [B·t, ld]: heads merged, zeros after nh·D. bf16/f16, D in {16, 32, 64, 128}.
 pub fn flash_attention(
@@ -667,9 +671,10 @@ pub fn flash_attention(
     q.contiguous()?.apply_op3_no_bwd(k, v, &Flash { pad: pad.clone(), scale, ld })
 }
 
-/// Whether `flash_attention` takes this head size and dtype.
+/// Whether `flash_attention` takes this head size and dtype, in this build (kernels compiled for sm_80+).
 pub fn flash_fits(head_dim: usize, dtype: DType) -> bool {
-    matches!(head_dim, 16 | 32 | 64 | 128) && matches!(dtype, DType::BF16 | DType::F16)
+    let cap: u32 = env!("GLM4_VERIFY_PTX_CAP").parse().unwrap_or(0);
+    cap >= 80 && matches!(head_dim, 16 | 32 | 64 | 128) && matches!(dtype, DType::BF16 | DType::F16)
 }
 
 struct Flash {
@@ -731,8 +736,11 @@ impl Flash {
         // SAFETY: every element is written by the kernel (heads, then zeros up to ld).
         let out = unsafe { dev.alloc::<T>(b * t * self.ld)? };
         let func = dev.get_or_load_custom_func(&format!("flash_attn_{}_{d}", suffix(q.0.dtype())?), MODULE, PTX)?;
+        // The heads sharing a key/value head go into one block when their queries fit (decoding).
+        let g = nh / kvh;
+        let pk = if g * t <= 64 { g } else { 1 };
         let cfg = LaunchConfig {
-            grid_dim: (t.div_ceil(64) as u32, nh as u32, b as u32),
+            grid_dim: ((pk * t).div_ceil(64) as u32, (nh / pk) as u32, b as u32),
             block_dim: (128, 1, 1),
             shared_mem_bytes: 0,
         };
@@ -750,6 +758,8 @@ impl Flash {
         bld.arg(&hs);
         bld.arg(&ld);
         bld.arg(&self.scale);
+        let pk = pk as i32;
+        bld.arg(&pk);
         // SAFETY: argument types match the kernel's signature; the grid covers every (query block, head, row).
         unsafe { bld.launch(cfg) }.w()?;
         Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from((b * t, self.ld))))

@@ -453,10 +453,10 @@ impl Glm {
         };
         #[cfg(feature = "cuda")]
         if let (Some(pads), true) =
-            (&ctx.pads, t > 1 && flash_requested() && super::cuda_ops::flash_fits(d, self.dtype))
+            (&ctx.pads, flash_enabled() && super::cuda_ops::flash_fits(d, self.dtype))
         {
-            // Work in progress (GLM4_VERIFY_FLASH=1): one kernel writes the o projection's input rows.
-            // Prefill only: a block takes 64 query rows of one head, and decoding has one.
+            // One kernel writes the o projection's input rows (no scores tensor); when decoding, one
+            // block takes all the query heads of a key/value head, so the cache is read once for them.
             let ld = l.o.input_width().unwrap_or(nh * d);
             let scale = (1.0 / (d as f64).sqrt()) as f32;
             let rows = profile::section("attention: flash", dev, || {
@@ -608,11 +608,11 @@ impl Glm {
     }
 }
 
-/// GLM4_VERIFY_FLASH=1: attention by the flash kernel (work in progress, not yet run on a GPU).
+/// The flash kernel for attention, unless GLM4_VERIFY_FLASH=0 (to compare with the eager path).
 #[cfg(feature = "cuda")]
-fn flash_requested() -> bool {
+fn flash_enabled() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| std::env::var_os("GLM4_VERIFY_FLASH").is_some_and(|v| v != "0"))
+    *ON.get_or_init(|| std::env::var_os("GLM4_VERIFY_FLASH").is_none_or(|v| v != "0"))
 }
 
 /// GLM4_VERIFY_UNFUSED=1, read once (the forward pass asks per layer).

@@ -4,7 +4,7 @@ pub mod config;
 #[cfg(feature = "cuda")]
 pub mod cuda_gemm;
 #[cfg(feature = "cuda")]
-mod cuda_ops;
+pub mod cuda_ops;
 pub mod glm;
 pub mod lora;
 pub mod profile;
