@@ -118,7 +118,9 @@ impl Cache {
 
     /// Stacks caches of row groups into one, right-aligned at the longest: a part of length L
     /// gets `len - L` more left padding (returned per part), then room for `extra` positions.
-    pub fn stack(parts: Vec<Cache>, extra: usize) -> Result<(Cache, Vec<usize>)> {
+    /// Layer by layer, each part's layer freed once copied: the stack costs one layer's worth of
+    /// memory on top of the parts, not a second copy of all of them.
+    pub fn stack(mut parts: Vec<Cache>, extra: usize) -> Result<(Cache, Vec<usize>)> {
         let len = parts.iter().map(|c| c.len).max().unwrap_or(0);
         let shifts: Vec<usize> = parts.iter().map(|c| len - c.len).collect();
         let layers = parts.first().map(|c| c.kv.len()).unwrap_or(0);
@@ -127,8 +129,8 @@ impl Cache {
         for i in 0..layers {
             let mut ks = Vec::with_capacity(parts.len());
             let mut vs = Vec::with_capacity(parts.len());
-            for (p, &shift) in parts.iter().zip(&shifts) {
-                let Some((k, v)) = &p.kv[i] else { bail!("KV cache part without layer {i}") };
+            for (p, &shift) in parts.iter_mut().zip(&shifts) {
+                let Some((k, v)) = p.kv[i].take() else { bail!("KV cache part without layer {i}") };
                 let place = |x: &Tensor| -> Result<Tensor> {
                     let (b, h, _, d) = x.dims4()?;
                     let x = x.narrow(2, 0, p.len)?;
@@ -136,8 +138,8 @@ impl Cache {
                     let right = Tensor::zeros((b, h, extra, d), x.dtype(), x.device())?;
                     Ok(Tensor::cat(&[&left, &x, &right], 2)?)
                 };
-                ks.push(place(k)?);
-                vs.push(place(v)?);
+                ks.push(place(&k)?);
+                vs.push(place(&v)?);
             }
             kv.push(Some((Tensor::cat(&ks, 0)?, Tensor::cat(&vs, 0)?)));
         }
