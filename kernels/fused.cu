@@ -214,6 +214,11 @@ __device__ void target_logprob(const T *logits, const unsigned int *tgt, float *
 // sum, as candle's rope_i and transformers' bf16 rotary code are. One block per token (grid-stride),
 // 32-bit index arithmetic: 64-bit divisions per element made this kernel compute-bound.
 template <typename T> struct alignas(2 * sizeof(T)) Two { T a, b; };
+template <typename T> __device__ __forceinline__ void rope_pair(T &a, T &b, T cos, T sin) {
+  float x0 = to_f(a), x1 = to_f(b), c = to_f(cos), s = to_f(sin);
+  a = from_f<T>(round_t<T>(x0 * c) - round_t<T>(x1 * s));
+  b = from_f<T>(round_t<T>(x0 * s) + round_t<T>(x1 * c));
+}
 template <typename T>
 __device__ void qkv_rope(const T *qkv, const T *cos, const T *sin, T *out, int b, int t, int nh, int kvh, int d, int rd) {
   const int heads = nh + 2 * kvh, half = d / 2, rh = rd / 2;
@@ -222,14 +227,11 @@ __device__ void qkv_rope(const T *qkv, const T *cos, const T *sin, T *out, int b
     const int bi = (int)(bt / t), ti = (int)(bt - (long long)bi * t);
     const Two<T> *src = reinterpret_cast<const Two<T> *>(qkv + bt * heads * d);
     const T *cr = cos + bt * rh, *sr = sin + bt * rh;
-    for (int k = threadIdx.x; k < heads * half; k += blockDim.x) {
+    // 16-byte chunks of P pairs (one head each) when the head and rotary sizes allow, else pairs.
+    constexpr int P = Pack<T>::N / 2;
+    const int w = (half % P == 0 && rh % P == 0 && reinterpret_cast<uintptr_t>(qkv) % 16 == 0) ? P : 1;
+    for (int k = threadIdx.x * w; k < heads * half; k += blockDim.x * w) {
       const int h = k / half, p = k - h * half;
-      Two<T> x = src[k];
-      if (h < nh + kvh && p < rh) {
-        float x0 = to_f(x.a), x1 = to_f(x.b), c = to_f(cr[p]), s = to_f(sr[p]);
-        x.a = from_f<T>(round_t<T>(x0 * c) - round_t<T>(x1 * s));
-        x.b = from_f<T>(round_t<T>(x0 * s) + round_t<T>(x1 * c));
-      }
       T *dst;
       if (h < nh) {
         dst = out + (((long long)bi * nh + h) * t + ti) * d;
@@ -238,7 +240,18 @@ __device__ void qkv_rope(const T *qkv, const T *cos, const T *sin, T *out, int b
       } else {
         dst = out + q_len + kv_len + (((long long)bi * kvh + (h - nh - kvh)) * t + ti) * d;
       }
-      reinterpret_cast<Two<T> *>(dst)[p] = x;
+      const bool rot = h < nh + kvh && p < rh;
+      if (w == P) {
+        Pack<T> x = reinterpret_cast<const Pack<T> *>(src + k)[0];
+        if (rot)
+#pragma unroll
+          for (int e = 0; e < P; e++) rope_pair(x.v[2 * e], x.v[2 * e + 1], cr[p + e], sr[p + e]);
+        reinterpret_cast<Pack<T> *>(dst)[p / P] = x;
+      } else {
+        Two<T> x = src[k];
+        if (rot) rope_pair(x.a, x.b, cr[p], sr[p]);
+        reinterpret_cast<Two<T> *>(dst)[p] = x;
+      }
     }
   }
 }
