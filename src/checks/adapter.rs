@@ -200,9 +200,10 @@ pub fn check_effect(
     weight: &dyn Fn(usize, Target) -> Result<Tensor>,
     matched: &Matched,
 ) -> Result<(Vec<ModuleEffect>, Vec<Finding>)> {
-    let mut effects = Vec::new();
-    let (mut changed, mut total, mut err_sq, mut delta_sq) = (0f64, 0f64, 0f64, 0f64);
-    for ((layer, target, delta), name) in matched.deltas.iter().zip(&matched.matched_modules) {
+    // Statistics per module stay on the device; one read back for all (a read back per module
+    // waits for the device each time: ~0.3 s on a 9B model's 280 modules).
+    let mut per_module = Vec::with_capacity(matched.deltas.len());
+    for (layer, target, delta) in &matched.deltas {
         let w = weight(*layer, *target)?;
         let dev = w.device().clone();
         let len = delta.b.dims()[0];
@@ -228,7 +229,7 @@ pub fn check_effect(
         let wb = w.to_dtype(DType::BF16)?;
         let merged = (&w + &dw)?.to_dtype(DType::BF16)?;
         let kept = (merged.to_dtype(DType::F32)? - wb.to_dtype(DType::F32)?)?;
-        // One read back per module: ‖W‖², ‖ΔW‖², kept and touched element counts, ‖kept − ΔW‖².
+        // ‖W‖², ‖ΔW‖², kept and touched element counts, ‖kept − ΔW‖².
         let stats = Tensor::stack(
             &[
                 row_sums(&w.sqr()?)?,
@@ -240,8 +241,13 @@ pub fn check_effect(
             0,
         )?
         .to_dtype(DType::F64)?
-        .sum(1)?
-        .to_vec1::<f64>()?;
+        .sum(1)?;
+        per_module.push(stats);
+    }
+    let stats = if per_module.is_empty() { Vec::new() } else { Tensor::stack(&per_module, 0)?.to_vec2::<f64>()? };
+    let mut effects = Vec::new();
+    let (mut changed, mut total, mut err_sq, mut delta_sq) = (0f64, 0f64, 0f64, 0f64);
+    for (stats, name) in stats.iter().zip(&matched.matched_modules) {
         let [w_sq, d_sq, ne, nz, e_sq] = stats[..] else { anyhow::bail!("effect statistics of {name}") };
         if !d_sq.is_finite() {
             continue; // adapter_nonfinite reports it; NaN would make every number below NaN
