@@ -39,7 +39,10 @@ fn reference(q: &Tensor, k: &Tensor, v: &Tensor, pads: &[u32], scale: f64) -> Re
     Ok(out.transpose(1, 2)?.reshape((b * t, nh * d))?)
 }
 
-fn case(dev: &Device, (b, nh, kvh, t, s, d): (usize, usize, usize, usize, usize, usize), pads: &[u32]) -> Result<f32> {
+/// (B, nh, kvh, t, s, D).
+type Shape = (usize, usize, usize, usize, usize, usize);
+
+fn case(dev: &Device, (b, nh, kvh, t, s, d): Shape, pads: &[u32]) -> Result<f32> {
     let dt = DType::BF16;
     let q = Tensor::randn(0f32, 1.0, (b, nh, t, d), dev)?.to_dtype(dt)?;
     let k = Tensor::randn(0f32, 1.0, (b, kvh, s, d), dev)?.to_dtype(dt)?;
@@ -60,7 +63,7 @@ fn main() -> Result<()> {
     let mut ok = true;
     // (B, nh, kvh, t, s, D) and left paddings: one block and several, s > t (cached keys), t not a
     // multiple of 64, a row fully inside its padding for its first queries.
-    let cases: &[((usize, usize, usize, usize, usize, usize), &[u32])] = &[
+    let cases: &[(Shape, &[u32])] = &[
         ((2, 4, 2, 37, 37, 16), &[0, 5]),
         ((2, 4, 1, 130, 130, 32), &[3, 70]),
         ((3, 8, 2, 100, 164, 64), &[0, 64, 120]),
@@ -78,7 +81,10 @@ fn main() -> Result<()> {
         // bf16 inputs, probabilities rounded to bf16 for p·v, output rounded: ~1e-2 at |out| ~ 1.
         let pass = err < 3e-2;
         ok &= pass;
-        println!("flash (B, nh, kvh, t, s, D) = {shape:?} pads {pads:?}: max |err| {err:.2e} {}", if pass { "OK" } else { "FAIL" });
+        println!(
+            "flash (B, nh, kvh, t, s, D) = {shape:?} pads {pads:?}: max |err| {err:.2e} {}",
+            if pass { "OK" } else { "FAIL" }
+        );
     }
     // Time on a 9B scoring pass (14 rows of 1088 tokens) and a decoding step (256 rows, 1100 cached
     // positions): 32 heads, 2 key/value heads, D = 128.

@@ -454,9 +454,7 @@ impl Glm {
             None => (k, v),
         };
         #[cfg(feature = "cuda")]
-        if let (Some(pads), true) =
-            (&ctx.pads, flash_enabled() && super::cuda_ops::flash_fits(d, self.dtype))
-        {
+        if let (Some(pads), true) = (&ctx.pads, flash_enabled() && super::cuda_ops::flash_fits(d, self.dtype)) {
             // One kernel writes the o projection's input rows (no scores tensor); when decoding, one
             // block takes all the query heads of a key/value head, so the cache is read once for them.
             let ld = l.o.input_width().unwrap_or(nh * d);
