@@ -346,7 +346,7 @@ __device__ void flash_attn(const T *q, const T *k, const T *v, const unsigned in
   const int kv = blockIdx.y * pk / (nh / kvh);
   const T *kh = k + ((long long)b * kvh + kv) * kv_hs;
   const T *vh = v + ((long long)b * kvh + kv) * kv_hs;
-  // This thread's two rows (g, g + 8 of the warp's 16): head hd[r], query i[r]; valid when < rows.
+  // This thread's two rows (g, g + 8 of the warp's 16): head hd[r], query qi[r]; valid when < rows.
   bool valid[2];
   int hd[2], qi[2];
 #pragma unroll
