@@ -118,8 +118,8 @@ impl Cache {
 
     /// Stacks caches of row groups into one, right-aligned at the longest: a part of length L
     /// gets `len - L` more left padding (returned per part), then room for `extra` positions.
-    /// Layer by layer into one zeroed buffer, each part's layer freed once copied: the stack costs
-    /// one layer's worth of memory on top of the parts, not a second copy of all of them.
+    /// Layer by layer, each part's layer freed once copied: the stack costs one layer's worth of
+    /// memory on top of the parts, not a second copy of all of them.
     pub fn stack(mut parts: Vec<Cache>, extra: usize) -> Result<(Cache, Vec<usize>)> {
         let len = parts.iter().map(|c| c.len).max().unwrap_or(0);
         let shifts: Vec<usize> = parts.iter().map(|c| len - c.len).collect();
@@ -127,25 +127,21 @@ impl Cache {
         let capacity = len + extra;
         let mut kv = Vec::with_capacity(layers);
         for i in 0..layers {
-            let mut layer: Vec<(Tensor, Tensor, usize, usize)> = Vec::with_capacity(parts.len());
+            let mut ks = Vec::with_capacity(parts.len());
+            let mut vs = Vec::with_capacity(parts.len());
             for (p, &shift) in parts.iter_mut().zip(&shifts) {
                 let Some((k, v)) = p.kv[i].take() else { bail!("KV cache part without layer {i}") };
-                layer.push((k, v, p.len, shift));
+                let place = |x: &Tensor| -> Result<Tensor> {
+                    let (b, h, _, d) = x.dims4()?;
+                    let x = x.narrow(2, 0, p.len)?;
+                    let left = Tensor::zeros((b, h, shift, d), x.dtype(), x.device())?;
+                    let right = Tensor::zeros((b, h, extra, d), x.dtype(), x.device())?;
+                    Ok(Tensor::cat(&[&left, &x, &right], 2)?)
+                };
+                ks.push(place(&k)?);
+                vs.push(place(&v)?);
             }
-            let Some((k0, _, _, _)) = layer.first() else { bail!("KV cache stack without parts") };
-            let (_, h, _, d) = k0.dims4()?;
-            let rows: usize = layer.iter().map(|(k, ..)| k.dim(0)).sum::<candle_core::Result<usize>>()?;
-            let kb = Tensor::zeros((rows, h, capacity, d), k0.dtype(), k0.device())?;
-            let vb = kb.zeros_like()?;
-            let mut r0 = 0;
-            for (k, v, n, shift) in layer {
-                let b = k.dim(0)?;
-                // [b, h, n, D] at rows r0.., positions shift..shift + n.
-                kb.narrow(0, r0, b)?.slice_set(&k.narrow(2, 0, n)?.contiguous()?, 2, shift)?;
-                vb.narrow(0, r0, b)?.slice_set(&v.narrow(2, 0, n)?.contiguous()?, 2, shift)?;
-                r0 += b;
-            }
-            kv.push(Some((kb, vb)));
+            kv.push(Some((Tensor::cat(&ks, 0)?, Tensor::cat(&vs, 0)?)));
         }
         Ok((Cache { kv, len, capacity }, shifts))
     }
