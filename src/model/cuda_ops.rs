@@ -707,7 +707,9 @@ impl Flash {
     ) -> candle_core::Result<(CudaStorage, Shape)> {
         let (b, nh, t, d) = q.1.shape().dims4()?;
         let (kb, kvh, s, kd) = k.1.shape().dims4()?;
-        if kb != b || kd != d || v.1.dims() != k.1.dims() || kvh == 0 || nh % kvh != 0 || s < t || self.ld < nh * d {
+        // Output rows are written two values at a time: ld must be even.
+        let bad_ld = self.ld < nh * d || !self.ld.is_multiple_of(2);
+        if kb != b || kd != d || v.1.dims() != k.1.dims() || kvh == 0 || nh % kvh != 0 || s < t || bad_ld {
             candle_core::bail!(
                 "flash attention: q {:?}, k {:?}, v {:?}, rows of {}",
                 q.1.dims(),
