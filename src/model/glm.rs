@@ -624,3 +624,35 @@ fn unfused_requested() -> bool {
 fn plain(weight: Tensor) -> Result<Linear> {
     Linear::new(weight, None)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A one-layer cache of `rows` rows and `len` positions, keys base, base + 1, … (values × 10).
+    fn cache_of(rows: usize, len: usize, base: f32) -> Cache {
+        let mut c = Cache { kv: vec![None], len: 0, capacity: len };
+        let keys: Vec<f32> = (0..rows * len).map(|i| base + i as f32).collect();
+        let k = Tensor::from_vec(keys, (rows, 1, len, 1), &Device::Cpu).unwrap();
+        c.append(0, &k, &(&k * 10.0).unwrap()).unwrap();
+        c.len = len;
+        c
+    }
+
+    #[test]
+    fn stack_right_aligns_the_parts_and_leaves_room_for_new_positions() {
+        let (c, shifts) = Cache::stack(vec![cache_of(2, 3, 1.0), cache_of(1, 5, 100.0)], 2).unwrap();
+        assert_eq!(shifts, vec![2, 0]);
+        assert_eq!((c.len, c.capacity), (5, 7));
+        let Some((k, v)) = &c.kv[0] else { panic!("layer 0 missing") };
+        let rows = |t: &Tensor| -> Vec<Vec<f32>> { t.squeeze(3).unwrap().squeeze(1).unwrap().to_vec2().unwrap() };
+        let want = vec![
+            vec![0.0, 0.0, 1.0, 2.0, 3.0, 0.0, 0.0],
+            vec![0.0, 0.0, 4.0, 5.0, 6.0, 0.0, 0.0],
+            vec![100.0, 101.0, 102.0, 103.0, 104.0, 0.0, 0.0],
+        ];
+        assert_eq!(rows(k), want);
+        let want_v: Vec<Vec<f32>> = want.iter().map(|r| r.iter().map(|x| x * 10.0).collect()).collect();
+        assert_eq!(rows(v), want_v);
+    }
+}
