@@ -312,7 +312,7 @@ fn row_sums(t: &Tensor) -> Result<Tensor> {
 /// (every value finite, every value zero) of an adapter tensor, in one pass over its values.
 fn scan(t: &Tensor) -> Result<(bool, bool)> {
     let v = t.flatten_all()?.to_dtype(DType::F32)?.to_vec1::<f32>()?;
-    Ok((v.iter().all(|x| x.is_finite()), v.iter().all(|&x| x == 0.0)))
+    Ok(v.iter().fold((true, true), |(finite, zero), &x| (finite && x.is_finite(), zero && x == 0.0)))
 }
 
 fn first(v: &[String], n: usize) -> Vec<&String> {
