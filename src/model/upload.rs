@@ -1,23 +1,61 @@
 //! Host → GPU weight upload through pinned staging buffers (CUDA build).
 //!
 //! candle's own path copies a tensor's bytes into a Vec, then into GPU memory from pageable
-//! memory (staged by the driver, one copy at a time). Here several threads copy the mmapped bytes
-//! into page-locked buffers while the GPU pulls the previous buffer asynchronously.
+//! memory (staged by the driver, one copy at a time: ~7–10 GB/s on an H200). Here worker threads
+//! each take a chunk of the tensor, copy it from the mmapped file into a free page-locked buffer
+//! and queue that buffer's copy to the GPU themselves, so reading the page cache (one thread
+//! reads it at a few GB/s) and the PCIe transfers (55 GB/s pinned on an H200) overlap, with no
+//! wait between chunks. A tensor's upload returns once all its copies are queued: later work on
+//! the stream runs after them.
 
-use std::sync::{Arc, Mutex};
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 
-use anyhow::{bail, Result};
+use anyhow::{anyhow, bail, Result};
 use candle_core::cuda_backend::cudarc::driver::{
-    result, sys, CudaEvent, CudaSlice, CudaStream, DevicePtrMut, DeviceRepr, PinnedHostSlice, ValidAsZeroBits,
+    result, sys, CudaContext, CudaEvent, CudaSlice, CudaStream, DevicePtrMut, DeviceRepr, PinnedHostSlice,
+    ValidAsZeroBits,
 };
 use candle_core::cuda_backend::CudaDType;
 use candle_core::op::BackpropOp;
 use candle_core::{CudaDevice, CudaStorage, DType, Storage, Tensor};
 use half::{bf16, f16};
 
-const CHUNK: usize = 64 << 20;
-const BUFFERS: usize = 3;
-const THREADS: usize = 8;
+/// How the upload runs; GLM4_VERIFY_UPLOAD="chunk=MiB,buffers=N,threads=N,wc=0|1" overrides it
+/// (for measuring; see BENCHMARKS.md).
+#[derive(Debug, Clone, Copy)]
+struct Config {
+    chunk: usize,
+    buffers: usize,
+    threads: usize,
+    /// Write-combined staging memory (faster for the GPU to read on some hosts, slow for the CPU to read).
+    write_combined: bool,
+}
+
+fn config() -> Config {
+    static C: OnceLock<Config> = OnceLock::new();
+    *C.get_or_init(|| {
+        let cores = std::thread::available_parallelism().map_or(8, |n| n.get());
+        // Small chunks in few buffers: the staging memory stays in the host's last-level cache
+        // while the GPU reads it (on an H200 host 4 MiB × 64 buffers loaded faster than 8 × 32,
+        // and 32 × 16 slowest).
+        let threads = cores.clamp(2, 12);
+        let mut c = Config { chunk: 2 << 20, buffers: threads + 8, threads, write_combined: false };
+        for kv in std::env::var("GLM4_VERIFY_UPLOAD").unwrap_or_default().split(',') {
+            let Some((k, v)) = kv.split_once('=') else { continue };
+            let Ok(v) = v.trim().parse::<usize>() else { continue };
+            match k.trim() {
+                "chunk" => c.chunk = v.max(1) << 20,
+                "buffers" => c.buffers = v.max(2),
+                "threads" => c.threads = v.max(1),
+                "wc" => c.write_combined = v != 0,
+                _ => {}
+            }
+        }
+        c
+    })
+}
 
 struct Buffer {
     host: PinnedHostSlice<u8>,
@@ -25,13 +63,8 @@ struct Buffer {
     done: CudaEvent,
 }
 
-struct Staging {
-    bufs: Vec<Buffer>,
-    next: usize,
-}
-
-/// One set of buffers for the process (loads run one at a time).
-static STAGING: Mutex<Option<Staging>> = Mutex::new(None);
+/// The staging buffers of the process, oldest use first (loads run one at a time).
+static STAGING: Mutex<Option<VecDeque<Buffer>>> = Mutex::new(None);
 
 /// A tensor of `dtype`/`shape` on `dev` from its raw little-endian bytes; `None` for dtypes this
 /// path does not handle (the caller uses candle's).
@@ -49,56 +82,100 @@ pub fn upload(bytes: &[u8], dtype: DType, shape: &[usize], dev: &CudaDevice) -> 
     Ok(Some(Tensor::from_storage(Storage::Cuda(storage), shape, BackpropOp::none(), false)))
 }
 
+/// The stream's handle for the worker threads (the driver API may be called from any thread).
+#[derive(Clone, Copy)]
+struct RawStream(sys::CUstream);
+// SAFETY: a CUstream is an opaque driver handle; the driver API is thread-safe.
+unsafe impl Send for RawStream {}
+unsafe impl Sync for RawStream {}
+
 fn copy<T: CudaDType + DeviceRepr + ValidAsZeroBits>(bytes: &[u8], dev: &CudaDevice) -> Result<CudaStorage> {
     let size = std::mem::size_of::<T>();
     if !bytes.len().is_multiple_of(size) {
         bail!("{} bytes are not a whole number of {size}-byte elements", bytes.len());
     }
+    let cfg = config();
     let stream = dev.cuda_stream();
     // SAFETY: every byte is written below before the tensor is used (same stream).
     let mut dst: CudaSlice<T> = unsafe { dev.alloc::<T>(bytes.len() / size)? };
-    let mut guard = STAGING.lock().map_err(|_| anyhow::anyhow!("weight upload buffers poisoned"))?;
+    let mut guard = STAGING.lock().map_err(|_| anyhow!("weight upload buffers poisoned"))?;
     if guard.is_none() {
-        *guard = Some(Staging::new(&stream)?);
+        *guard = Some(new_buffers(&stream, cfg)?);
     }
-    let Some(staging) = guard.as_mut() else { bail!("weight upload buffers missing") };
+    let Some(pool) = guard.as_mut() else { bail!("weight upload buffers missing") };
     {
         let (base, _sync) = dst.device_ptr_mut(&stream);
-        for (i, chunk) in bytes.chunks(CHUNK).enumerate() {
-            let buf = &mut staging.bufs[staging.next];
-            staging.next = (staging.next + 1) % BUFFERS;
-            buf.done.synchronize()?; // the GPU has finished reading this buffer
-                                     // SAFETY: the buffer is CHUNK bytes of pinned memory, not in use by the GPU (waited above).
-            let host = unsafe { std::slice::from_raw_parts_mut(buf.host.as_mut_ptr()?, chunk.len()) };
-            parallel_copy(chunk, host);
-            // SAFETY: dst has bytes.len() bytes; this writes chunk.len() of them at offset i·CHUNK.
-            unsafe { result::memcpy_htod_async(base + (i * CHUNK) as sys::CUdeviceptr, host, stream.cu_stream())? };
-            buf.done.record(&stream)?;
+        let chunks = bytes.len().div_ceil(cfg.chunk);
+        let job = Job { bytes, base, chunk: cfg.chunk, next: AtomicUsize::new(0), stream: &stream };
+        let pool = Mutex::new(std::mem::take(pool));
+        let workers = cfg.threads.min(chunks);
+        if workers <= 1 {
+            job.work(&pool, stream.context())?;
+        } else {
+            std::thread::scope(|s| -> Result<()> {
+                let handles: Vec<_> = (0..workers).map(|_| s.spawn(|| job.work(&pool, stream.context()))).collect();
+                for h in handles {
+                    h.join().map_err(|_| anyhow!("a weight upload thread panicked"))??;
+                }
+                Ok(())
+            })?;
         }
+        *guard = Some(pool.into_inner().map_err(|_| anyhow!("weight upload buffers poisoned"))?);
     }
     Ok(CudaStorage::wrap_cuda_slice(dst, dev.clone()))
 }
 
-impl Staging {
-    fn new(stream: &Arc<CudaStream>) -> Result<Self> {
-        let ctx = stream.context();
-        let mut bufs = Vec::with_capacity(BUFFERS);
-        for _ in 0..BUFFERS {
-            // SAFETY: contents are written before every read.
-            let host = unsafe { ctx.alloc_pinned::<u8>(CHUNK)? };
-            let done = ctx.new_event(Some(sys::CUevent_flags::CU_EVENT_BLOCKING_SYNC))?;
-            bufs.push(Buffer { host, done });
+/// One tensor's upload, shared by its worker threads: chunk i goes to `base + i·chunk`.
+struct Job<'a> {
+    bytes: &'a [u8],
+    base: sys::CUdeviceptr,
+    chunk: usize,
+    next: AtomicUsize,
+    stream: &'a Arc<CudaStream>,
+}
+
+impl Job<'_> {
+    /// Takes chunks until none is left: waits for the least recently used buffer to be free,
+    /// fills it, queues its copy to the GPU and records when that copy is done.
+    fn work(&self, pool: &Mutex<VecDeque<Buffer>>, ctx: &Arc<CudaContext>) -> Result<()> {
+        ctx.bind_to_thread()?;
+        let stream = RawStream(self.stream.cu_stream());
+        loop {
+            let i = self.next.fetch_add(1, Ordering::Relaxed);
+            let start = i * self.chunk;
+            if start >= self.bytes.len() {
+                return Ok(());
+            }
+            let src = &self.bytes[start..(start + self.chunk).min(self.bytes.len())];
+            let mut buf = pool.lock().map_err(|_| anyhow!("poisoned"))?.pop_front().ok_or_else(|| {
+                anyhow!("no free weight upload buffer (more threads than buffers: GLM4_VERIFY_UPLOAD)")
+            })?;
+            let r = (|| -> Result<()> {
+                buf.done.synchronize()?; // the GPU has finished reading this buffer
+                                         // SAFETY: the buffer holds at least `chunk` bytes of pinned memory and is not in use by
+                                         // the GPU (waited above) nor by another thread (taken out of the pool).
+                let host = unsafe { std::slice::from_raw_parts_mut(buf.host.as_mut_ptr()?, src.len()) };
+                host.copy_from_slice(src);
+                // SAFETY: the destination has bytes.len() bytes; this writes src.len() of them at `start`.
+                unsafe { result::memcpy_htod_async(self.base + start as sys::CUdeviceptr, host, stream.0)? };
+                buf.done.record(self.stream)?;
+                Ok(())
+            })();
+            pool.lock().map_err(|_| anyhow!("poisoned"))?.push_back(buf);
+            r?;
         }
-        Ok(Staging { bufs, next: 0 })
     }
 }
 
-/// memcpy with several threads: one thread cannot read the page cache at PCIe speed.
-fn parallel_copy(src: &[u8], dst: &mut [u8]) {
-    let part = src.len().div_ceil(THREADS).max(1 << 20);
-    std::thread::scope(|s| {
-        for (d, c) in dst.chunks_mut(part).zip(src.chunks(part)) {
-            s.spawn(move || d.copy_from_slice(c));
-        }
-    });
+fn new_buffers(stream: &Arc<CudaStream>, cfg: Config) -> Result<VecDeque<Buffer>> {
+    let ctx = stream.context();
+    let flags = if cfg.write_combined { sys::CU_MEMHOSTALLOC_WRITECOMBINED } else { 0 };
+    let mut bufs = VecDeque::with_capacity(cfg.buffers.max(cfg.threads));
+    for _ in 0..cfg.buffers.max(cfg.threads) {
+        // SAFETY: contents are written before every read.
+        let host = unsafe { ctx.alloc_pinned_with_flags::<u8>(cfg.chunk, flags)? };
+        let done = ctx.new_event(Some(sys::CUevent_flags::CU_EVENT_BLOCKING_SYNC))?;
+        bufs.push_back(Buffer { host, done });
+    }
+    Ok(bufs)
 }
