@@ -116,6 +116,25 @@ impl Cache {
         Ok(())
     }
 
+    /// Splits the rows into consecutive groups of `sizes` rows: views of these buffers, freed
+    /// when the last view of a layer is dropped.
+    pub fn split_rows(self, sizes: &[usize]) -> Result<Vec<Cache>> {
+        let mut out = Vec::with_capacity(sizes.len());
+        let mut start = 0;
+        for &n in sizes {
+            let mut kv = Vec::with_capacity(self.kv.len());
+            for layer in &self.kv {
+                kv.push(match layer {
+                    Some((k, v)) => Some((k.narrow(0, start, n)?, v.narrow(0, start, n)?)),
+                    None => None,
+                });
+            }
+            out.push(Cache { kv, len: self.len, capacity: self.capacity });
+            start += n;
+        }
+        Ok(out)
+    }
+
     /// Stacks caches of row groups into one, right-aligned at the longest: a part of length L
     /// gets `len - L` more left padding (returned per part), then room for `extra` positions.
     /// Layer by layer, each part's layer freed once copied: the stack costs one layer's worth of

@@ -116,6 +116,27 @@ impl RowSelection {
         &self.rows
     }
 
+    /// The row ranges that use each of the stack's adapters, when they are at most `MAX_RUNS`
+    /// contiguous runs (`None` otherwise: the per-row mask is cheaper then). Base rows and rows of
+    /// adapters the stack has no delta for are in no run.
+    pub fn runs(&self, stack: &LoraStack) -> Option<Vec<(std::ops::Range<usize>, Segment)>> {
+        const MAX_RUNS: usize = 8;
+        let mut out: Vec<(std::ops::Range<usize>, Segment)> = Vec::new();
+        let mut start = 0;
+        while start < self.rows.len() {
+            let row = self.rows[start];
+            let end = start + self.rows[start..].iter().take_while(|r| **r == row).count();
+            if let Some(seg) = row.and_then(|k| stack.segments.iter().find(|s| s.adapter == k)) {
+                if out.len() == MAX_RUNS {
+                    return None;
+                }
+                out.push((start..end, *seg));
+            }
+            start = end;
+        }
+        Some(out)
+    }
+
     /// How the rows use a stack: not at all, all with its only adapter, or per row ([B, 1, ΣR] mask).
     fn mask(&self, stack: &LoraStack) -> Result<Mask> {
         let used: Vec<bool> = stack.segments.iter().map(|s| self.rows.contains(&Some(s.adapter))).collect();
@@ -233,14 +254,24 @@ impl Linear {
     }
 
     /// Fills h = x·Aᵀ (masked per row) into rows [x | 0] of `input_width()` values, in place (CUDA).
+    /// Where the rows of each adapter are a few contiguous runs (scoring passes hold one variant,
+    /// decoding groups are ordered by variant), h is computed on those rows only, with that
+    /// adapter's columns of A: base rows cost nothing and no mask is needed.
     #[allow(unused_variables)]
     fn fill_h(&self, xh: &Tensor, stack: &LoraStack, sel: &RowSelection, t: usize) -> Result<()> {
         super::profile::section("lora", xh.device(), || {
             #[cfg(feature = "cuda")]
             {
+                if let Some(runs) = sel.runs(stack) {
+                    for (rows, seg) in runs {
+                        let x = xh.narrow(0, rows.start * t, rows.len() * t)?;
+                        super::cuda_gemm::lora_h_(&x, &stack.a.narrow(0, seg.start, seg.len)?, seg.start)?;
+                    }
+                    return Ok(());
+                }
                 let mask = sel.mask(stack)?;
                 if !matches!(mask, Mask::Skip) {
-                    super::cuda_gemm::lora_h_(xh, &stack.a)?;
+                    super::cuda_gemm::lora_h_(xh, &stack.a, 0)?;
                 }
                 if let Mask::Rows(m) = mask {
                     super::cuda_ops::lora_mask_(xh, &m, self.in_features, t)?;
@@ -316,4 +347,35 @@ impl Linear {
 fn lt_requested() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *ON.get_or_init(|| std::env::var("GLM4_VERIFY_GEMM").map_or(true, |v| v != "cublas"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stack(segments: Vec<Segment>) -> LoraStack {
+        let r: usize = segments.iter().map(|s| s.len).sum();
+        let a = Tensor::zeros((r, 4), DType::F32, &Device::Cpu).unwrap();
+        let b = Tensor::zeros((3, r), DType::F32, &Device::Cpu).unwrap();
+        LoraStack { a, b, segments, width: r }
+    }
+
+    #[test]
+    fn runs_are_each_adapters_contiguous_rows() {
+        let s0 = Segment { adapter: 0, start: 0, len: 2 };
+        let s2 = Segment { adapter: 2, start: 2, len: 3 };
+        let st = stack(vec![s0, s2]);
+        // Adapter 1 has no delta on this linear: its rows, like the base rows, are in no run.
+        let sel = RowSelection::new(
+            vec![None, None, Some(0), Some(0), Some(1), Some(2), Some(2), Some(2)],
+            &Device::Cpu,
+            DType::F32,
+        );
+        assert_eq!(sel.runs(&st), Some(vec![(2..4, s0), (5..8, s2)]));
+        let base = RowSelection::new(vec![None; 3], &Device::Cpu, DType::F32);
+        assert_eq!(base.runs(&st), Some(vec![]));
+        // Interleaved rows make too many runs: the mask is used instead.
+        let mixed: Vec<Option<usize>> = (0..20).map(|i| (i % 2 == 1).then_some(0)).collect();
+        assert_eq!(RowSelection::new(mixed, &Device::Cpu, DType::F32).runs(&st), None);
+    }
 }

@@ -180,6 +180,35 @@ struct Pending {
     first: Vec<u32>,
 }
 
+impl Pending {
+    /// One part per run of rows of one variant (the rows are laid out variant-major); the
+    /// caches are views of this one's buffers.
+    fn by_variant(self) -> Result<Vec<Pending>> {
+        let mut sizes: Vec<usize> = Vec::new();
+        for (r, w) in self.which.iter().enumerate() {
+            match sizes.last_mut() {
+                Some(n) if self.which[r - 1].0 == w.0 => *n += 1,
+                _ => sizes.push(1),
+            }
+        }
+        let caches = self.cache.split_rows(&sizes)?;
+        let mut start = 0;
+        let mut out = Vec::with_capacity(sizes.len());
+        for (cache, n) in caches.into_iter().zip(sizes) {
+            let rows = start..start + n;
+            out.push(Pending {
+                cache,
+                pads: self.pads[rows.clone()].to_vec(),
+                sel: self.sel[rows.clone()].to_vec(),
+                which: self.which[rows.clone()].to_vec(),
+                first: self.first[rows].to_vec(),
+            });
+            start += n;
+        }
+        Ok(out)
+    }
+}
+
 /// Scores one batch of `(item, head length)` rows (one row per variant). With `keep`, the rows'
 /// heads are the generation prompts and their KV caches are returned, cut to the heads.
 #[allow(clippy::too_many_arguments)]
@@ -198,10 +227,11 @@ fn score_batch(
     let mut rows: Vec<(&[u32], &[u32])> = Vec::new();
     let mut sel = Vec::new();
     let mut which = Vec::new();
-    for &(i, head) in batch {
-        let ids = &items[i].0[..used[i]];
-        for (vi, v) in variants.iter().enumerate() {
-            rows.push(ids.split_at(head));
+    // Variant-major: each adapter's rows are one run, so the LoRA side path runs on those rows
+    // only (none for the base rows) and needs no per-row mask.
+    for (vi, v) in variants.iter().enumerate() {
+        for &(i, head) in batch {
+            rows.push(items[i].0[..used[i]].split_at(head));
             sel.push(*v);
             which.push((vi, i));
         }
@@ -378,7 +408,8 @@ fn run_all(
     Ok(())
 }
 
-/// Stacks pending caches and decodes all their rows together.
+/// Stacks pending caches and decodes all their rows together, ordered by variant so that each
+/// adapter's rows are one run for the LoRA side path.
 fn decode_group(
     model: &Glm,
     parts: Vec<Pending>,
@@ -386,6 +417,9 @@ fn decode_group(
     gen: GenOptions,
     out: &mut [Vec<Vec<u32>>],
 ) -> Result<()> {
+    let mut parts: Vec<Pending> =
+        parts.into_iter().map(Pending::by_variant).collect::<Result<Vec<_>>>()?.into_iter().flatten().collect();
+    parts.sort_by_key(|p| p.which.first().map(|w| w.0));
     let steps = parts.iter().flat_map(|p| p.which.iter().map(|&(_, i)| max_new[i])).max().unwrap_or(0);
     let (mut pads, mut sel, mut which, mut first, mut caches) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
@@ -464,9 +498,10 @@ pub fn generate(
         let mut rows: Vec<(&[u32], &[u32])> = Vec::new();
         let mut sel = Vec::new();
         let mut which = Vec::new();
-        for &b in &batch {
-            let i = todo[b];
-            for (vi, v) in variants.iter().enumerate() {
+        // Variant-major: each adapter's rows are one run for the LoRA side path.
+        for (vi, v) in variants.iter().enumerate() {
+            for &b in &batch {
+                let i = todo[b];
                 rows.push((&prompts[i], &[]));
                 sel.push(*v);
                 which.push((vi, i));
