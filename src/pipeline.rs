@@ -468,11 +468,11 @@ pub fn verify(opts: &Options) -> Result<Vec<Report>> {
             AdapterInput::Lora { dir, note } => {
                 let a = Adapter::open(dir)?;
                 let m = match_to_base(&a, &base.cfg)?;
-                let mut fs = section("adapter checks", &dev, || {
-                    let mut fs = checks::adapter::check_files(&a, &m, &base.cfg)?;
-                    fs.extend(checks::adapter::check_effect(&checks::adapter::weight_from_model(&base), &m)?.1);
-                    Ok(fs)
-                })?;
+                let mut fs =
+                    section("adapter checks: files", &dev, || checks::adapter::check_files(&a, &m, &base.cfg))?;
+                fs.extend(section("adapter checks: effect", &dev, || {
+                    Ok(checks::adapter::check_effect(&checks::adapter::weight_from_model(&base), &m)?.1)
+                })?);
                 if let Some(ts) = checks::train::find_trainer_state(dir)
                     .or_else(|| dir.parent().and_then(checks::train::find_trainer_state))
                 {

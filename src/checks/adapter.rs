@@ -9,7 +9,6 @@ use crate::adapter::{base_modules, Adapter, Matched};
 use crate::finding::Finding;
 use crate::model::config::{Layout, ModelConfig};
 use crate::model::glm::{Glm, Target};
-use crate::model::lora::LoraDelta;
 use crate::model::weights::Weights;
 
 /// Per matched module: ‖s·B·A‖ / ‖W‖ and the share of ΔW elements that survive a bf16 merge.
@@ -202,55 +201,35 @@ pub fn check_effect(
     weight: &dyn Fn(usize, Target) -> Result<Tensor>,
     matched: &Matched,
 ) -> Result<(Vec<ModuleEffect>, Vec<Finding>)> {
-    // Statistics per module stay on the device; one read back for all (a read back per module
-    // waits for the device each time: ~0.3 s on a 9B model's 280 modules).
-    let mut per_module = Vec::with_capacity(matched.deltas.len());
-    for (layer, target, delta) in &matched.deltas {
-        let w = weight(*layer, *target)?;
-        let dev = w.device().clone();
-        let len = delta.b.dims()[0];
-        // On the model's device (copying base weights to the host would cost a full model read),
-        // and on at most EFFECT_ROWS evenly spaced rows per module: on a 9B model the full ΔW of
-        // every module is ~9 G elements, seconds of work for a ratio that a sample estimates well.
-        let rows = (len > EFFECT_ROWS).then(|| {
-            let idx: Vec<u32> = (0..EFFECT_ROWS).map(|k| (k * len / EFFECT_ROWS) as u32).collect();
-            Tensor::from_vec(idx, EFFECT_ROWS, &dev)
-        });
-        let rows = rows.transpose()?;
-        let pick = |t: Tensor| -> Result<Tensor> {
-            Ok(match &rows {
-                Some(idx) => t.index_select(idx, 0)?,
-                None => t,
-            })
-        };
-        let on_dev = LoraDelta { a: delta.a.to_device(&dev)?, b: pick(delta.b.to_device(&dev)?)?, ..delta.clone() };
-        let dw = on_dev.delta_weight()?; // [rows, in] f32
-        let w = pick(w.narrow(0, delta.out_start, len)?)?.to_dtype(DType::F32)?;
-        // What a bf16 merge keeps: bf16(W + ΔW) − bf16(W) against ΔW. Elements whose delta is under
-        // half a bf16 step of the weight vanish; the rest are rounded to whole steps.
-        let wb = w.to_dtype(DType::BF16)?;
-        let merged = (&w + &dw)?.to_dtype(DType::BF16)?;
-        let kept = (merged.to_dtype(DType::F32)? - wb.to_dtype(DType::F32)?)?;
-        // ‖W‖², ‖ΔW‖², kept and touched element counts, ‖kept − ΔW‖².
-        let stats = Tensor::stack(
-            &[
-                row_sums(&w.sqr()?)?,
-                row_sums(&dw.sqr()?)?,
-                row_sums(&kept.ne(0f32)?.to_dtype(DType::F32)?)?,
-                row_sums(&dw.ne(0f32)?.to_dtype(DType::F32)?)?,
-                row_sums(&(&kept - &dw)?.sqr()?)?,
-            ],
-            0,
-        )?
-        .to_dtype(DType::F64)?
-        .sum(1)?;
-        per_module.push(stats);
+    // Modules of one shape (sampled rows, in, rank) are computed together, a chunk at a time,
+    // and everything is read back once: per module, the ~30 small operations below and their
+    // waits for the device cost ~0.3 s on a 9B model's 280 modules.
+    let mut groups: std::collections::BTreeMap<(usize, usize, usize), Vec<usize>> = Default::default();
+    for (i, (_, _, d)) in matched.deltas.iter().enumerate() {
+        let (r, inp) = d.a.dims2()?;
+        groups.entry((d.b.dims()[0].min(EFFECT_ROWS), inp, r)).or_default().push(i);
     }
-    let stats = if per_module.is_empty() { Vec::new() } else { Tensor::stack(&per_module, 0)?.to_vec2::<f64>()? };
+    let mut parts = Vec::new(); // [5, modules of a chunk] each
+    let mut order = Vec::new(); // module index of each column
+    for ((rows, inp, _), members) in groups {
+        for chunk in members.chunks((EFFECT_CHUNK_BYTES / (rows * inp * 4)).max(1)) {
+            parts.push(effect_stats(weight, matched, chunk, rows)?);
+            order.extend_from_slice(chunk);
+        }
+    }
+    let mut stats = vec![[0f64; 5]; matched.deltas.len()];
+    if !parts.is_empty() {
+        let all = Tensor::cat(&parts, 1)?.to_vec2::<f64>()?;
+        for (col, &m) in order.iter().enumerate() {
+            for (k, row) in all.iter().enumerate() {
+                stats[m][k] = row[col];
+            }
+        }
+    }
     let mut effects = Vec::new();
     let (mut changed, mut total, mut err_sq, mut delta_sq) = (0f64, 0f64, 0f64, 0f64);
     for (stats, name) in stats.iter().zip(&matched.matched_modules) {
-        let [w_sq, d_sq, ne, nz, e_sq] = stats[..] else { anyhow::bail!("effect statistics of {name}") };
+        let [w_sq, d_sq, ne, nz, e_sq] = *stats;
         if !d_sq.is_finite() {
             continue; // adapter_nonfinite reports it; NaN would make every number below NaN
         }
@@ -300,8 +279,61 @@ pub fn check_effect(
     Ok((effects, out))
 }
 
-/// Rows of a module's weight that `check_effect` looks at (all of them below this).
+/// Rows of a module's weight that `check_effect` looks at (all of them below this): on a 9B model
+/// the full ΔW of every module is ~9 G elements, seconds of work for a ratio a sample estimates well.
 const EFFECT_ROWS: usize = 512;
+/// Size of one f32 intermediate of the modules computed together (a few are live at once).
+const EFFECT_CHUNK_BYTES: usize = 256 << 20;
+
+/// ‖W‖², ‖ΔW‖², kept and touched element counts and ‖kept − ΔW‖² → [5, modules] f64, for modules
+/// `idx` of one shape, on `rows` evenly spaced rows each, on the base weights' device (copying
+/// them to the host would cost a full model read).
+fn effect_stats(
+    weight: &dyn Fn(usize, Target) -> Result<Tensor>,
+    matched: &Matched,
+    idx: &[usize],
+    rows: usize,
+) -> Result<Tensor> {
+    let (mut ws, mut as_, mut bs, mut scales) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for &i in idx {
+        let (layer, target, d) = &matched.deltas[i];
+        let len = d.b.dims()[0];
+        let pick = |t: &Tensor| -> Result<Tensor> {
+            if len == rows {
+                return Ok(t.clone());
+            }
+            let at: Vec<u32> = (0..rows).map(|k| (k * len / rows) as u32).collect();
+            Ok(t.index_select(&Tensor::from_vec(at, rows, t.device())?, 0)?)
+        };
+        ws.push(pick(&weight(*layer, *target)?.narrow(0, d.out_start, len)?)?.to_dtype(DType::F32)?);
+        as_.push(d.a.to_dtype(DType::F32)?);
+        bs.push(pick(&d.b.to_dtype(DType::F32)?)?);
+        scales.push(d.scale as f32);
+    }
+    let w = Tensor::stack(&ws, 0)?; // [G, rows, in]
+    let dev = w.device().clone();
+    let g = idx.len();
+    let a = Tensor::stack(&as_, 0)?.to_device(&dev)?; // [G, r, in]
+    let b = Tensor::stack(&bs, 0)?.to_device(&dev)?; // [G, rows, r]
+    let scale = Tensor::from_vec(scales, (g, 1, 1), &dev)?;
+    // s·B·A in f32, as PEFT's get_delta_weight.
+    let dw = b.matmul(&a)?.broadcast_mul(&scale)?;
+    // What a bf16 merge keeps: bf16(W + ΔW) − bf16(W) against ΔW. Elements whose delta is under
+    // half a bf16 step of the weight vanish; the rest are rounded to whole steps.
+    let wb = w.to_dtype(DType::BF16)?.to_dtype(DType::F32)?;
+    let kept = ((&w + &dw)?.to_dtype(DType::BF16)?.to_dtype(DType::F32)? - wb)?;
+    let sums = |t: Tensor| -> Result<Tensor> { Ok(row_sums(&t)?.to_dtype(DType::F64)?.sum(1)?) }; // [G]
+    Ok(Tensor::stack(
+        &[
+            sums(w.sqr()?)?,
+            sums(dw.sqr()?)?,
+            sums(kept.ne(0f32)?.to_dtype(DType::F32)?)?,
+            sums(dw.ne(0f32)?.to_dtype(DType::F32)?)?,
+            sums((&kept - &dw)?.sqr()?)?,
+        ],
+        0,
+    )?)
+}
 
 /// Per-row sums of a [rows, in] tensor, kept on its device (candle's CUDA sum over a whole tensor
 /// runs in one thread block, which takes seconds on a 9B model's weights).
