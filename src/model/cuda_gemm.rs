@@ -41,6 +41,54 @@ pub fn candidates(m: usize, n: usize, k: usize, dtype: DType, dev: &candle_core:
     with_state(cuda, |st, _| Ok(st.plan(Key::dense(m, n, k, dtype))?.count))
 }
 
+/// The `algo`-th candidate's configuration (algorithm id, tile, split-K, reduction, swizzle,
+/// custom option, stages, cluster), for benchmarks that compare candidates.
+pub fn candidate_config(
+    m: usize,
+    n: usize,
+    k: usize,
+    dtype: DType,
+    algo: usize,
+    dev: &candle_core::Device,
+) -> candle_core::Result<String> {
+    use sys::cublasLtMatmulAlgoConfigAttributes_t as A;
+    let candle_core::Device::Cuda(cuda) = dev else { candle_core::bail!("cuBLASLt needs a CUDA device") };
+    with_state(cuda, |st, _| {
+        let p = st.plan(Key { algo, ..Key::dense(m, n, k, dtype) })?;
+        // Each attribute has its documented size (the cluster shape is 16-bit); "?" where it is not read.
+        let get = |attr: A, size: usize| -> String {
+            let mut v = 0u32;
+            let mut written = 0usize;
+            // SAFETY: cuBLASLt writes at most `size` ≤ 4 bytes into v.
+            let status = unsafe {
+                sys::cublasLtMatmulAlgoConfigGetAttribute(
+                    &p.algo,
+                    attr,
+                    &mut v as *mut u32 as *mut c_void,
+                    size,
+                    &mut written,
+                )
+            };
+            if status.result().is_ok() {
+                v.to_string()
+            } else {
+                "?".into()
+            }
+        };
+        Ok(format!(
+            "id {} tile {} splitk {} red {} swz {} opt {} stages {} cluster {}",
+            get(A::CUBLASLT_ALGO_CONFIG_ID, 4),
+            get(A::CUBLASLT_ALGO_CONFIG_TILE_ID, 4),
+            get(A::CUBLASLT_ALGO_CONFIG_SPLITK_NUM, 4),
+            get(A::CUBLASLT_ALGO_CONFIG_REDUCTION_SCHEME, 4),
+            get(A::CUBLASLT_ALGO_CONFIG_CTA_SWIZZLING, 4),
+            get(A::CUBLASLT_ALGO_CONFIG_CUSTOM_OPTION, 4),
+            get(A::CUBLASLT_ALGO_CONFIG_STAGES_ID, 4),
+            get(A::CUBLASLT_ALGO_CONFIG_CLUSTER_SHAPE_ID, 2),
+        ))
+    })
+}
+
 /// GLM4_VERIFY_GEMM_ALGO=i picks the heuristic's i-th candidate everywhere (to compare them).
 fn choice() -> usize {
     static C: OnceLock<usize> = OnceLock::new();
@@ -307,13 +355,16 @@ impl LtLinear {
     }
 }
 
-/// In place over xh [N, ld]: xh[:, k, k + R) = xh[:, 0, k) · aᵀ for a [R, k] — the LoRA columns h of a
-/// linear's input rows [x | h | 0], computed where the rows were written (one skinny GEMM, x read once).
-pub fn lora_h_(xh: &Tensor, a: &Tensor) -> candle_core::Result<()> {
-    xh.inplace_op2(a, &LoraH)
+/// In place over xh [N, ld]: xh[:, k + col, k + col + R) = xh[:, 0, k) · aᵀ for a [R, k] — (some of)
+/// the LoRA columns h of a linear's input rows [x | h | 0], computed where the rows were written
+/// (one skinny GEMM, x read once). xh may be a range of rows, a a range of the stack's rows.
+pub fn lora_h_(xh: &Tensor, a: &Tensor, col: usize) -> candle_core::Result<()> {
+    xh.inplace_op2(a, &LoraH { col })
 }
 
-struct LoraH;
+struct LoraH {
+    col: usize,
+}
 
 impl InplaceOp2 for LoraH {
     cuda_only!(inplace2, "lt-lora-h");
@@ -321,8 +372,8 @@ impl InplaceOp2 for LoraH {
     fn cuda_fwd(&self, xs: &mut CudaStorage, xl: &Layout, a: &CudaStorage, al: &Layout) -> candle_core::Result<()> {
         let (m, ld) = xl.shape().dims2()?;
         let (r, k) = al.shape().dims2()?;
-        if k + r > ld {
-            candle_core::bail!("LoRA h: rows of {ld} cannot hold {k} + {r} columns");
+        if k + self.col + r > ld {
+            candle_core::bail!("LoRA h: rows of {ld} cannot hold {k} + {} + {r} columns", self.col);
         }
         let (start, _) = xl
             .contiguous_offsets()
@@ -338,7 +389,7 @@ impl InplaceOp2 for LoraH {
                 let (base, _g1) = xv.device_ptr_mut(&stream);
                 let (ap, _g2) = av.device_ptr(&stream);
                 let x = base + start as u64 * size;
-                st.launch(key, &stream, ap, x, x + k as u64 * size, 0)?;
+                st.launch(key, &stream, ap, x, x + (k + self.col) as u64 * size, 0)?;
             }};
         }
         with_state(&dev, |st, stream| {
