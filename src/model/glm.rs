@@ -116,23 +116,17 @@ impl Cache {
         Ok(())
     }
 
-    /// Splits the rows into consecutive groups of `sizes` rows: views of these buffers, freed
-    /// when the last view of a layer is dropped.
-    pub fn split_rows(self, sizes: &[usize]) -> Result<Vec<Cache>> {
-        let mut out = Vec::with_capacity(sizes.len());
-        let mut start = 0;
-        for &n in sizes {
-            let mut kv = Vec::with_capacity(self.kv.len());
-            for layer in &self.kv {
-                kv.push(match layer {
-                    Some((k, v)) => Some((k.narrow(0, start, n)?, v.narrow(0, start, n)?)),
-                    None => None,
-                });
-            }
-            out.push(Cache { kv, len: self.len, capacity: self.capacity });
-            start += n;
+    /// Reorders the rows: row i becomes old row `order[i]` (one gather per layer, each layer's old
+    /// buffers freed as it is replaced).
+    pub fn select_rows(&mut self, order: &[usize]) -> Result<()> {
+        let Some(dev) = self.kv.iter().flatten().next().map(|(k, _)| k.device().clone()) else { return Ok(()) };
+        let idx: Vec<u32> = order.iter().map(|&r| r as u32).collect();
+        let idx = Tensor::from_vec(idx, order.len(), &dev)?;
+        for (k, v) in self.kv.iter_mut().flatten() {
+            *k = k.index_select(&idx, 0)?;
+            *v = v.index_select(&idx, 0)?;
         }
-        Ok(out)
+        Ok(())
     }
 
     /// Stacks caches of row groups into one, right-aligned at the longest: a part of length L

@@ -180,35 +180,6 @@ struct Pending {
     first: Vec<u32>,
 }
 
-impl Pending {
-    /// One part per run of rows of one variant (the rows are laid out variant-major); the
-    /// caches are views of this one's buffers.
-    fn by_variant(self) -> Result<Vec<Pending>> {
-        let mut sizes: Vec<usize> = Vec::new();
-        for (r, w) in self.which.iter().enumerate() {
-            match sizes.last_mut() {
-                Some(n) if self.which[r - 1].0 == w.0 => *n += 1,
-                _ => sizes.push(1),
-            }
-        }
-        let caches = self.cache.split_rows(&sizes)?;
-        let mut start = 0;
-        let mut out = Vec::with_capacity(sizes.len());
-        for (cache, n) in caches.into_iter().zip(sizes) {
-            let rows = start..start + n;
-            out.push(Pending {
-                cache,
-                pads: self.pads[rows.clone()].to_vec(),
-                sel: self.sel[rows.clone()].to_vec(),
-                which: self.which[rows.clone()].to_vec(),
-                first: self.first[rows].to_vec(),
-            });
-            start += n;
-        }
-        Ok(out)
-    }
-}
-
 /// Scores one batch of `(item, head length)` rows (one row per variant). With `keep`, the rows'
 /// heads are the generation prompts and their KV caches are returned, cut to the heads.
 #[allow(clippy::too_many_arguments)]
@@ -408,8 +379,8 @@ fn run_all(
     Ok(())
 }
 
-/// Stacks pending caches and decodes all their rows together, ordered by variant so that each
-/// adapter's rows are one run for the LoRA side path.
+/// Stacks pending caches and decodes all their rows together, reordered by variant (one gather
+/// per layer) so that each adapter's rows are one run for the LoRA side path.
 fn decode_group(
     model: &Glm,
     parts: Vec<Pending>,
@@ -417,9 +388,6 @@ fn decode_group(
     gen: GenOptions,
     out: &mut [Vec<Vec<u32>>],
 ) -> Result<()> {
-    let mut parts: Vec<Pending> =
-        parts.into_iter().map(Pending::by_variant).collect::<Result<Vec<_>>>()?.into_iter().flatten().collect();
-    parts.sort_by_key(|p| p.which.first().map(|w| w.0));
     let steps = parts.iter().flat_map(|p| p.which.iter().map(|&(_, i)| max_new[i])).max().unwrap_or(0);
     let (mut pads, mut sel, mut which, mut first, mut caches) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
@@ -430,9 +398,19 @@ fn decode_group(
         which.extend(p.which);
         first.extend(p.first);
     }
-    let (cache, shifts) = Cache::stack(caches, steps)?;
-    let pads: Vec<usize> =
+    let (mut cache, shifts) = Cache::stack(caches, steps)?;
+    let mut pads: Vec<usize> =
         pads.into_iter().zip(shifts).flat_map(|(ps, s)| ps.into_iter().map(move |p| p + s)).collect();
+    let mut order: Vec<usize> = (0..which.len()).collect();
+    order.sort_by_key(|&r| which[r].0);
+    if order.iter().enumerate().any(|(i, &r)| i != r) {
+        cache.select_rows(&order)?;
+        let pick = |v: &[usize]| order.iter().map(|&r| v[r]).collect::<Vec<_>>();
+        pads = pick(&pads);
+        sel = order.iter().map(|&r| sel[r]).collect();
+        which = order.iter().map(|&r| which[r]).collect();
+        first = order.iter().map(|&r| first[r]).collect();
+    }
     decode(model, cache, &pads, &sel, &which, first, max_new, gen, out)
 }
 
