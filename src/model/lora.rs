@@ -2,8 +2,10 @@
 //!
 //! Every LoRA-able linear of the model holds the deltas of all attached adapters stacked:
 //! `a` = [ΣR, in] (scaling folded in), `b` = [out, ΣR]. A row of the batch that uses adapter k
-//! keeps only adapter k's R columns of `x·aᵀ` (a 0/1 mask), so base rows and rows of several
-//! adapters run in one pass over one copy of the base weights.
+//! keeps only adapter k's R columns of `x·aᵀ`, so base rows and rows of several adapters run in one
+//! pass over one copy of the base weights. On CUDA, where each adapter's rows are a few contiguous
+//! runs (the engine lays rows out by variant), `x·aᵀ` is computed on those rows only; otherwise a
+//! 0/1 mask zeroes the other adapters' columns.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
