@@ -285,6 +285,51 @@ struct Prepared {
     answer: String,
 }
 
+/// The tokenizer (the base's, or the adapter's where the base has none), the recipe, and the
+/// data files read, checked and prepared, with the data's findings.
+fn read_data(
+    opts: &Options,
+    base_dir: &Path,
+    first_lora: Option<&Path>,
+    vocab_size: usize,
+    context: Option<usize>,
+    config: Option<&Path>,
+) -> Result<DataRead> {
+    // An adapter saved with its tokenizer may stand in for the base's; otherwise the base's error stands.
+    let has_tokenizer = |d: &Path| d.join("tokenizer.json").is_file() || d.join("tokenizer.model").is_file();
+    let tok = match (GlmTokenizer::from_dir(base_dir), first_lora.filter(|d| has_tokenizer(d))) {
+        (Ok(t), _) => t,
+        (Err(_), Some(d)) => GlmTokenizer::from_dir(d)?,
+        (Err(e), None) => return Err(e),
+    };
+    // Ids past the embedding would fail deep in the model (or read garbage on a GPU).
+    if let Some(max) = tok.inner.get_vocab(true).into_values().max().filter(|&m| m as usize >= vocab_size) {
+        bail!(
+            "{} has token ids up to {max}, but the model in {} has only {vocab_size} (vocab_size in config.json): the tokenizer belongs to another model",
+            tok.source.display(),
+            base_dir.display(),
+        );
+    }
+    let recipe = match config {
+        Some(c) => Recipe::from_file(c)?,
+        None => Recipe::default(),
+    };
+    let mut findings = Vec::new();
+    let (data, origin) = data_paths(opts);
+    let files = data_files(&data, &origin, config, &opts.split)?;
+    let prepared = prepare_data(&tok, &files, &recipe, opts, context, &mut findings)?;
+    Ok(DataRead { tok, recipe, files, prepared, findings })
+}
+
+/// What `read_data` gives.
+struct DataRead {
+    tok: GlmTokenizer,
+    recipe: Recipe,
+    files: Vec<PathBuf>,
+    prepared: Vec<Prepared>,
+    findings: Vec<Finding>,
+}
+
 /// Reads, checks, samples and encodes the data.
 fn prepare_data(
     tok: &GlmTokenizer,
@@ -392,6 +437,18 @@ pub fn verify(opts: &Options) -> Result<Vec<Report>> {
         _ => None,
     });
     let base_dir = resolve_base(opts.base.as_deref(), first_lora.as_deref().or(Some(inputs[0].dir())))?;
+    let base_cfg = model::ModelConfig::from_dir(&base_dir)?;
+    let context = base_cfg.max_positions;
+    let config = opts.config.clone().or(opts.suite.config.clone());
+    // The tokenizer and the data are read on another thread while the device starts (creating a
+    // CUDA context takes a few tenths of a second); their errors come after the device's.
+    let data_job = {
+        let (opts, base_dir, first_lora, config) = (opts.clone(), base_dir.clone(), first_lora.clone(), config.clone());
+        let vocab = base_cfg.vocab_size;
+        std::thread::spawn(move || {
+            read_data(&opts, &base_dir, first_lora.as_deref(), vocab, context, config.as_deref())
+        })
+    };
     let dev = device::select(&opts.device)?;
     let dinfo = device::info(&dev);
     let mut dtype = device::dtype(&opts.dtype, &dinfo)?;
@@ -404,33 +461,8 @@ pub fn verify(opts: &Options) -> Result<Vec<Report>> {
             (dtype, cpu_dtype_note) = device::cpu_auto_dtype(ckpt, f32_bytes, device::available_memory());
         }
     }
-    let base_cfg = model::ModelConfig::from_dir(&base_dir)?;
-    // An adapter saved with its tokenizer may stand in for the base's; otherwise the base's error stands.
-    let has_tokenizer = |d: &Path| d.join("tokenizer.json").is_file() || d.join("tokenizer.model").is_file();
-    let tok = match (GlmTokenizer::from_dir(&base_dir), first_lora.as_deref().filter(|d| has_tokenizer(d))) {
-        (Ok(t), _) => t,
-        (Err(_), Some(d)) => GlmTokenizer::from_dir(d)?,
-        (Err(e), None) => return Err(e),
-    };
-    // Ids past the embedding would fail deep in the model (or read garbage on a GPU).
-    if let Some(max) = tok.inner.get_vocab(true).into_values().max().filter(|&m| m as usize >= base_cfg.vocab_size) {
-        bail!(
-            "{} has token ids up to {max}, but the model in {} has only {} (vocab_size in config.json): the tokenizer belongs to another model",
-            tok.source.display(),
-            base_dir.display(),
-            base_cfg.vocab_size
-        );
-    }
-    let context = base_cfg.max_positions;
-    let config = opts.config.clone().or(opts.suite.config.clone());
-    let recipe = match &config {
-        Some(c) => Recipe::from_file(c)?,
-        None => Recipe::default(),
-    };
-    let mut common = Vec::new();
-    let (data, origin) = data_paths(opts);
-    let files = data_files(&data, &origin, config.as_deref(), &opts.split)?;
-    let prepared = prepare_data(&tok, &files, &recipe, opts, context, &mut common)?;
+    let DataRead { tok, recipe, files, prepared, findings: mut common } =
+        data_job.join().map_err(|_| anyhow::anyhow!("reading the data failed unexpectedly (a thread panicked)"))??;
     // Precision: the device, the run's dtype, and what training asked for.
     let (tb, tf) = match &config {
         Some(c) => std::fs::read_to_string(c)

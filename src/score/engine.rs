@@ -85,14 +85,32 @@ impl Default for GenOptions {
 /// Groups item indices into batches of `per_item` rows each, by length. An item is `(head, tail)`:
 /// rows are laid out with their heads right-aligned and tails left-aligned after them, so a batch
 /// is `max head + max tail` wide (plain left or right padding when every head or tail is 0).
+/// Items are packed in two orders, longest first and longest head first (when prompts vary more
+/// than targets, rows with close heads pad less), and the plan with fewer laid-out tokens is kept.
+/// Batches run widest first: the one that needs the most memory runs first, so an out-of-memory
+/// retry wastes little.
 fn plan(lengths: &[(usize, usize)], per_item: usize, lim: BatchLimits) -> Vec<Vec<usize>> {
+    let width = |b: &Vec<usize>| {
+        b.iter().map(|&i| lengths[i].0).max().unwrap_or(0) + b.iter().map(|&i| lengths[i].1).max().unwrap_or(0)
+    };
+    let laid_out = |p: &Vec<Vec<usize>>| p.iter().map(|b| b.len() * width(b)).sum::<usize>();
     let mut order: Vec<usize> = (0..lengths.len()).collect();
-    // Longest first: the batch that needs the most memory runs first, so an out-of-memory retry wastes little.
     order.sort_by_key(|&i| (std::cmp::Reverse(lengths[i].0 + lengths[i].1), i));
+    let by_total = pack(lengths, &order, per_item, lim);
+    order.sort_by_key(|&i| (std::cmp::Reverse(lengths[i].0), std::cmp::Reverse(lengths[i].1), i));
+    let by_head = pack(lengths, &order, per_item, lim);
+    let mut best = if laid_out(&by_head) < laid_out(&by_total) { by_head } else { by_total };
+    best.sort_by_key(|b| std::cmp::Reverse(width(b)));
+    best
+}
+
+/// Packs items in `order` into batches within the limits (a new batch when the next item would
+/// break one).
+fn pack(lengths: &[(usize, usize)], order: &[usize], per_item: usize, lim: BatchLimits) -> Vec<Vec<usize>> {
     let mut out: Vec<Vec<usize>> = Vec::new();
     let mut cur: Vec<usize> = Vec::new();
     let (mut head, mut tail) = (0, 0);
-    for i in order {
+    for &i in order {
         let (h, t) = lengths[i];
         let rows = (cur.len() + 1) * per_item;
         let width = head.max(h) + tail.max(t);
@@ -405,13 +423,17 @@ fn decode_group(
     order.sort_by_key(|&r| which[r].0);
     if order.iter().enumerate().any(|(i, &r)| i != r) {
         cache.select_rows(&order)?;
-        let pick = |v: &[usize]| order.iter().map(|&r| v[r]).collect::<Vec<_>>();
-        pads = pick(&pads);
-        sel = order.iter().map(|&r| sel[r]).collect();
-        which = order.iter().map(|&r| which[r]).collect();
-        first = order.iter().map(|&r| first[r]).collect();
+        pads = permute(&pads, &order);
+        sel = permute(&sel, &order);
+        which = permute(&which, &order);
+        first = permute(&first, &order);
     }
     decode(model, cache, &pads, &sel, &which, first, max_new, gen, out)
+}
+
+/// `v` reordered: element i is `v[order[i]]`.
+fn permute<T: Copy>(v: &[T], order: &[usize]) -> Vec<T> {
+    order.iter().map(|&r| v[r]).collect()
 }
 
 /// Greedy decoding from a filled cache: `next` holds each row's first new token.
@@ -511,7 +533,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn plan_keeps_every_batch_within_its_limits_longest_first() {
+    fn plan_keeps_every_batch_within_its_limits_widest_first() {
         let lengths: Vec<(usize, usize)> = (0..40).map(|i| (5 + i % 7, 10 + (i * 13) % 17)).collect();
         let lim = BatchLimits { max_rows: 12, max_tokens: 300, max_logit_rows: 1, max_cache_tokens: 1 };
         let batches = plan(&lengths, 2, lim);
@@ -522,13 +544,26 @@ mod tests {
         for b in &batches {
             let width = b.iter().map(|&i| lengths[i].0).max().unwrap() + b.iter().map(|&i| lengths[i].1).max().unwrap();
             assert!(b.len() * 2 <= 12 && b.len() * 2 * width <= 300, "{b:?} is {width} wide");
-            let longest = b.iter().map(|&i| lengths[i].0 + lengths[i].1).max().unwrap();
-            assert!(longest <= last, "longest first");
-            last = longest;
+            assert!(width <= last, "widest first");
+            last = width;
         }
         // One item wider than the token budget still gets a batch of its own.
         let b = plan(&[(500, 500)], 2, lim);
         assert_eq!(b, vec![vec![0]]);
+    }
+
+    #[test]
+    fn plan_keeps_the_order_that_pads_less() {
+        // Heads vary more than tails: grouping by head pads less than grouping by total length.
+        // By total (112, 111, 110, 109): [0, 1] and [2, 3], 632 tokens laid out; by head: 450.
+        let lengths = vec![(100, 12), (50, 61), (98, 12), (52, 57)];
+        let lim = BatchLimits { max_rows: 2, max_tokens: 10_000, max_logit_rows: 1, max_cache_tokens: 1 };
+        let mut batches = plan(&lengths, 1, lim);
+        batches.iter_mut().for_each(|b| b.sort());
+        assert_eq!(batches, vec![vec![1, 3], vec![0, 2]]);
+        // Plain scoring (no heads): longest first, as before.
+        let plain = vec![(0, 5), (0, 9), (0, 7), (0, 8)];
+        assert_eq!(plan(&plain, 1, lim), vec![vec![1, 3], vec![2, 0]]);
     }
 
     #[test]
