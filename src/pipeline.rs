@@ -440,8 +440,8 @@ pub fn verify(opts: &Options) -> Result<Vec<Report>> {
     let base_cfg = model::ModelConfig::from_dir(&base_dir)?;
     let context = base_cfg.max_positions;
     let config = opts.config.clone().or(opts.suite.config.clone());
-    // The tokenizer and the data are read on another thread while the device starts (creating a
-    // CUDA context takes a few tenths of a second); their errors come after the device's.
+    // The tokenizer and the data are read on another thread while the device starts (the CUDA
+    // context); their errors come after the device's, before the model loads.
     let data_job = {
         let (opts, base_dir, first_lora, config) = (opts.clone(), base_dir.clone(), first_lora.clone(), config.clone());
         let vocab = base_cfg.vocab_size;

@@ -256,9 +256,9 @@ impl Linear {
     }
 
     /// Fills h = x·Aᵀ (masked per row) into rows [x | 0] of `input_width()` values, in place (CUDA).
-    /// Where the rows of each adapter are a few contiguous runs (scoring passes hold one variant,
-    /// decoding groups are ordered by variant), h is computed on those rows only, with that
-    /// adapter's columns of A: base rows cost nothing and no mask is needed.
+    /// Where the rows of each adapter are a few contiguous runs (the engine lays scoring batches
+    /// and decoding groups out by variant), h is computed on those rows only, with that adapter's
+    /// columns of A: base rows cost nothing and no mask is needed.
     #[allow(unused_variables)]
     fn fill_h(&self, xh: &Tensor, stack: &LoraStack, sel: &RowSelection, t: usize) -> Result<()> {
         super::profile::section("lora", xh.device(), || {

@@ -3,9 +3,9 @@
 //! candle's own path copies a tensor's bytes into a Vec, then into GPU memory from pageable
 //! memory (staged by the driver, one copy at a time: ~7–10 GB/s on an H200). Here worker threads
 //! each take a chunk of the tensor, copy it from the mmapped file into a free page-locked buffer
-//! and queue that buffer's copy to the GPU themselves, so reading the page cache (one thread
-//! reads it at a few GB/s) and the PCIe transfers (55 GB/s pinned on an H200) overlap, with no
-//! wait between chunks. A tensor's upload returns once all its copies are queued: later work on
+//! and queue that buffer's copy to the GPU themselves, so reading the page cache (the limit: one
+//! thread cannot read it at PCIe speed) and the PCIe transfers (55 GB/s pinned on an H200) overlap,
+//! with no wait between chunks. A tensor's upload returns once all its copies are queued: later work on
 //! the stream runs after them.
 
 use std::collections::VecDeque;
