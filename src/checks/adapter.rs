@@ -212,7 +212,7 @@ pub fn check_effect(
     let mut parts = Vec::new(); // [5, modules of a chunk] each
     let mut order = Vec::new(); // module index of each column
     for ((rows, inp, _), members) in groups {
-        for chunk in members.chunks((EFFECT_CHUNK_BYTES / (rows * inp * 4)).max(1)) {
+        for chunk in members.chunks((EFFECT_CHUNK_BYTES / (rows * inp * 4).max(1)).max(1)) {
             parts.push(effect_stats(weight, matched, chunk, rows)?);
             order.extend_from_slice(chunk);
         }
