@@ -264,7 +264,7 @@ __device__ void qkv_rope(const T *qkv, const T *cos, const T *sin, T *out, int b
 // fused attention kernels do (the eager path rounds the scores to T first), output to T. Output rows
 // out[(b·t + i)·ld + h·D + d] (the o projection's input, heads merged), zeros in columns [nh·D, ld)
 // (its LoRA columns, see zero_tail).
-// Grid (ceil(pk·t / 64), nh / pk, B), 128 threads: the block's rows are the queries of pk heads one
+// Grid (nh / pk, B, ceil(pk·t / 64)), 128 threads: the block's rows are the queries of pk heads one
 // after the other (pk = 1 for prefill; for decoding, t = 1, the heads sharing a key/value head, which
 // then is read once for all of them); warp w takes rows 16w..16w+15 of the block's 64.
 // Key/value tiles of 64 rows go to shared memory by cp.async, the values' copy overlapping q·kᵀ and
@@ -339,11 +339,13 @@ __device__ void flash_attn(const T *q, const T *k, const T *v, const unsigned in
   constexpr int BR = 64, BC = 64, KS = D / 16, ND = D / 8, NT = BC / 8, SP = D + 8;
   __shared__ __align__(16) T ks[BC * SP];
   __shared__ __align__(16) T vs[BC * SP];
-  const int b = blockIdx.z, q0 = blockIdx.x * BR, rows = pk * t;
+  // Query tiles in reverse launch order: the causal mask makes late tiles the longest, and starting
+  // them first leaves short blocks for the last wave.
+  const int b = blockIdx.y, q0 = (gridDim.z - 1 - blockIdx.z) * BR, rows = pk * t;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tq = lane & 3;
   const int offset = s - t, lo = (int)pad[b];
   const float scale_log2 = scale * 1.4426950408889634f;  // exp(scale·x) = 2^(x·scale·log2 e)
-  const int kv = blockIdx.y * pk / (nh / kvh);
+  const int kv = blockIdx.x * pk / (nh / kvh);
   const T *kh = k + ((long long)b * kvh + kv) * kv_hs;
   const T *vh = v + ((long long)b * kvh + kv) * kv_hs;
   // This thread's two rows (g, g + 8 of the warp's 16): head hd[r], query qi[r]; valid when < rows.
@@ -353,7 +355,7 @@ __device__ void flash_attn(const T *q, const T *k, const T *v, const unsigned in
   for (int r = 0; r < 2; r++) {
     int R = q0 + warp * 16 + g + r * 8;
     valid[r] = R < rows;
-    hd[r] = blockIdx.y * pk + (valid[r] ? R / t : 0);
+    hd[r] = blockIdx.x * pk + (valid[r] ? R / t : 0);
     qi[r] = valid[r] ? R % t : 0;
   }
   // The query range of a span of rows: exact within one head, all of [0, t) across heads.
@@ -491,8 +493,8 @@ __device__ void flash_attn(const T *q, const T *k, const T *v, const unsigned in
     for (int n = 0; n < ND; n++)
       *reinterpret_cast<uint32_t *>(dst + n * 8) = pack2<T>(o[n][r * 2] * inv, o[n][r * 2 + 1] * inv);
   }
-  // The rows of head 0 (rows [0, t) of blockIdx.y 0) also write the token rows' zero tails.
-  if (blockIdx.y == 0)
+  // The rows of head 0 (rows [0, t) of blockIdx.x 0) also write the token rows' zero tails.
+  if (blockIdx.x == 0)
     for (int R = q0 + warp * 16; R < min(q0 + warp * 16 + 16, t); R++)
       for (int c = nh * D + lane; c < ld; c += 32) out[((long long)b * t + R) * ld + c] = from_f<T>(0.0f);
 #else

@@ -193,6 +193,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let a = cli.verify;
             let opts = options(&a)?;
             let mut reports = pipeline::verify(&opts)?;
+            glm4_verify::model::profile::mark("verify returned");
             let incomplete = reports.iter().any(|r| r.verdict == report::Verdict::Incomplete);
             if let (Some(b), false) = (&a.baseline, incomplete) {
                 if reports.len() != 1 {
@@ -210,6 +211,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             let color = a.output.is_none() && std::io::stdout().is_terminal();
             emit(&report::render(&reports, a.format, color)?, a.output.as_ref())?;
+            glm4_verify::model::profile::mark("report written");
             if incomplete {
                 // The partial report is written; the run itself could not be done.
                 eprintln!(
@@ -304,6 +306,7 @@ fn demo(d: DemoArgs) -> anyhow::Result<ExitCode> {
 }
 
 fn main() -> ExitCode {
+    glm4_verify::model::profile::mark("start");
     if std::env::args().nth(1).as_deref() == Some("demo") {
         // Tiny tensors: candle's thread pools cost more than they give (see demo::prefer_single_thread).
         glm4_verify::demo::prefer_single_thread();
@@ -317,6 +320,7 @@ fn main() -> ExitCode {
         }
     };
     let result = run(cli);
+    glm4_verify::model::profile::mark("end of main");
     if let Some(p) = glm4_verify::model::profile::report() {
         eprint!("{p}");
     }

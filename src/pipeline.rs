@@ -16,7 +16,7 @@ use crate::data::Row;
 use crate::device;
 use crate::finding::Finding;
 use crate::model;
-use crate::model::profile::section;
+use crate::model::profile::{mark, section};
 use crate::report::{AdapterInfo, BaseInfo, GpuMemory, Report, Timings, SCHEMA_VERSION};
 use crate::score::engine::{is_out_of_memory, score_and_generate, BatchLimits, GenOptions, Variant};
 use crate::score::metrics::{summarize, Measured};
@@ -450,6 +450,7 @@ pub fn verify(opts: &Options) -> Result<Vec<Report>> {
         })
     };
     let dev = device::select(&opts.device)?;
+    mark("device ready");
     let dinfo = device::info(&dev);
     let mut dtype = device::dtype(&opts.dtype, &dinfo)?;
     let mut cpu_dtype_note = None;
@@ -463,6 +464,7 @@ pub fn verify(opts: &Options) -> Result<Vec<Report>> {
     }
     let DataRead { tok, recipe, files, prepared, findings: mut common } =
         data_job.join().map_err(|_| anyhow::anyhow!("reading the data failed unexpectedly (a thread panicked)"))??;
+    mark("data read");
     // Precision: the device, the run's dtype, and what training asked for.
     let (tb, tf) = match &config {
         Some(c) => std::fs::read_to_string(c)
@@ -491,6 +493,7 @@ pub fn verify(opts: &Options) -> Result<Vec<Report>> {
     let t_load = Instant::now();
     let mut base = section("weights", &dev, || model::load_from(&base_dir, &base_weights, dtype, &dev))?;
     drop(base_weights);
+    mark("weights loaded");
     // LoRA adapters ride the side path of the one base; merged models are separate models.
     let mut lora_slots: Vec<Option<usize>> = Vec::new();
     let mut per_adapter: Vec<(Vec<Finding>, AdapterInfo)> = Vec::new();
@@ -544,7 +547,9 @@ pub fn verify(opts: &Options) -> Result<Vec<Report>> {
             }
         }
     }
+    mark("adapter checks done");
     section("attach adapters", &dev, || base.attach(&attach))?;
+    mark("adapters attached");
     let layout = base.cfg.layout.as_str().to_string();
     let mut load_s = t_load.elapsed().as_secs_f64();
     let used_after_load = device::gpu_memory(&dev).map(|(now, _, _)| now);
@@ -579,7 +584,9 @@ pub fn verify(opts: &Options) -> Result<Vec<Report>> {
     let (mut lp, mut gens, mut score_s, mut generate_s) = (out.scores, out.gens, out.score_s, out.generate_s);
     // A stopped run (Ctrl-C, --timeout) reports the samples that finished, as incomplete.
     let (base_complete, mut stopped) = (out.complete, out.stopped);
+    mark("scored and generated");
     drop(base);
+    mark("base model freed");
     progress.finish();
 
     // Merged models: one more model each (compared with the base's numbers).
@@ -717,6 +724,7 @@ pub fn verify(opts: &Options) -> Result<Vec<Report>> {
             }),
         });
     }
+    mark("reports built");
     Ok(reports)
 }
 

@@ -257,3 +257,30 @@ fn sharded_checkpoint_loads_with_the_same_numbers() {
     let (lp, gen) = run_variants(&sharded, &refj, &[None]);
     check_variant(&refj, "base", &lp[0], &gen[0]);
 }
+
+#[test]
+fn forward_at_gives_the_hidden_states_of_forward_at_those_positions() {
+    let refj = reference();
+    let mut m = load("base");
+    m.attach(&[adapter_deltas(&m, "good")]).unwrap();
+    let p = ids(&refj["samples"][0]["prompt_ids"]);
+    let n = p.len();
+    let x = Tensor::from_vec([p.clone(), p].concat(), (2, n), &Device::Cpu).unwrap();
+    let sel = RowSelection::new(vec![None, Some(0)], &Device::Cpu, DType::F32);
+    let all = m.forward(&x, &[0, 0], &sel, None).unwrap().reshape((2 * n, ())).unwrap();
+    // Positions of both rows (base and adapter), so a wrong row selection would show.
+    let keep: Vec<u32> = vec![0, (n - 1) as u32, n as u32, (2 * n - 1) as u32];
+    let got = m.forward_at(&x, &[0, 0], &sel, None, &keep).unwrap();
+    assert_eq!(got.dims(), &[keep.len(), 1, all.dim(1).unwrap()]);
+    for (i, &p) in keep.iter().enumerate() {
+        let a: Vec<f32> = all.get(p as usize).unwrap().to_vec1().unwrap();
+        let b: Vec<f32> = got.get(i).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let worst = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+        assert!(worst < 1e-4, "position {p}: differs by {worst:e}");
+    }
+    // The adapter's rows differ from the base's: the kept positions took their own variant.
+    let base_last: Vec<f32> = got.get(1).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+    let tuned_last: Vec<f32> = got.get(3).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+    assert!(base_last.iter().zip(&tuned_last).any(|(a, b)| (a - b).abs() > 1e-3));
+    assert!(m.forward_at(&x, &[0, 0], &sel, None, &[(2 * n) as u32]).is_err(), "a position outside the batch");
+}

@@ -211,15 +211,26 @@ pub fn check_effect(
     }
     let mut parts = Vec::new(); // [5, modules of a chunk] each
     let mut order = Vec::new(); // module index of each column
+    let mut picks = std::collections::HashMap::new(); // sampled row indices per (weight rows, rows) on the device
     for ((rows, inp, _), members) in groups {
-        for chunk in members.chunks((EFFECT_CHUNK_BYTES / (rows * inp * 4).max(1)).max(1)) {
-            parts.push(effect_stats(weight, matched, chunk, rows)?);
+        let Some(&(layer, target, _)) = members.first().map(|&i| &matched.deltas[i]) else { continue };
+        let dev = weight(layer, target)?.device().clone();
+        // One upload of the group's factors: a copy from pageable host memory waits for everything
+        // queued on the device before it, so per-module copies would serialise host and device.
+        let (a, b, scale) = group_factors(matched, &members, rows, &dev)?;
+        let per = (EFFECT_CHUNK_BYTES / (rows * inp * 4).max(1)).max(1);
+        for (c, chunk) in members.chunks(per).enumerate() {
+            let (at, n) = (c * per, chunk.len());
+            let factors = (a.narrow(0, at, n)?, b.narrow(0, at, n)?, scale.narrow(0, at, n)?);
+            parts.push(effect_stats(weight, matched, chunk, rows, &mut picks, factors)?);
             order.extend_from_slice(chunk);
         }
     }
+    crate::model::profile::mark("effect check: queued");
     let mut stats = vec![[0f64; 5]; matched.deltas.len()];
     if !parts.is_empty() {
         let all = Tensor::cat(&parts, 1)?.to_vec2::<f64>()?;
+        crate::model::profile::mark("effect check: read back");
         for (col, &m) in order.iter().enumerate() {
             for (k, row) in all.iter().enumerate() {
                 stats[m][k] = row[col];
@@ -285,38 +296,69 @@ const EFFECT_ROWS: usize = 512;
 /// Size of one f32 intermediate of the modules computed together (a few are live at once).
 const EFFECT_CHUNK_BYTES: usize = 256 << 20;
 
+/// `rows` evenly spaced of `len` (all of them when len <= rows).
+fn sample_rows(len: usize, rows: usize) -> Vec<u32> {
+    (0..rows.min(len)).map(|k| (k * len / rows.min(len)) as u32).collect()
+}
+
+/// The modules' s [G, 1, 1], A [G, r, in] and sampled rows of B [G, rows, r] (f32), on `dev`.
+fn group_factors(
+    matched: &Matched,
+    idx: &[usize],
+    rows: usize,
+    dev: &candle_core::Device,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let (mut as_, mut bs, mut scales) = (Vec::new(), Vec::new(), Vec::new());
+    for &i in idx {
+        let d = &matched.deltas[i].2;
+        let b = d.b.to_dtype(DType::F32)?;
+        let len = b.dim(0)?;
+        let at = sample_rows(len, rows);
+        bs.push(if len == rows { b } else { b.index_select(&Tensor::from_vec(at, rows, b.device())?, 0)? });
+        as_.push(d.a.to_dtype(DType::F32)?);
+        scales.push(d.scale as f32);
+    }
+    let g = idx.len();
+    Ok((
+        Tensor::stack(&as_, 0)?.to_device(dev)?,
+        Tensor::stack(&bs, 0)?.to_device(dev)?,
+        Tensor::from_vec(scales, (g, 1, 1), dev)?,
+    ))
+}
+
 /// ‖W‖², ‖ΔW‖², kept and touched element counts and ‖kept − ΔW‖² → [5, modules] f64, for modules
 /// `idx` of one shape, on `rows` evenly spaced rows each, on the base weights' device (copying
-/// them to the host would cost a full model read).
+/// them to the host would cost a full model read). `factors`: their s, A and B (`group_factors`).
 fn effect_stats(
     weight: &dyn Fn(usize, Target) -> Result<Tensor>,
     matched: &Matched,
     idx: &[usize],
     rows: usize,
+    picks: &mut std::collections::HashMap<(usize, usize), Tensor>,
+    (a, b, scale): (Tensor, Tensor, Tensor),
 ) -> Result<Tensor> {
-    let (mut ws, mut as_, mut bs, mut scales) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let mut ws = Vec::new();
     for &i in idx {
         let (layer, target, d) = &matched.deltas[i];
         let len = d.b.dims()[0];
-        let pick = |t: &Tensor| -> Result<Tensor> {
-            if len == rows {
-                return Ok(t.clone());
-            }
-            let at: Vec<u32> = (0..rows).map(|k| (k * len / rows) as u32).collect();
-            Ok(t.index_select(&Tensor::from_vec(at, rows, t.device())?, 0)?)
+        let w = weight(*layer, *target)?.narrow(0, d.out_start, len)?;
+        let w = if len == rows {
+            w
+        } else {
+            let at = match picks.get(&(len, rows)) {
+                Some(t) => t.clone(),
+                None => {
+                    let t = Tensor::from_vec(sample_rows(len, rows), rows, w.device())?;
+                    picks.insert((len, rows), t.clone());
+                    t
+                }
+            };
+            w.index_select(&at, 0)?
         };
-        ws.push(pick(&weight(*layer, *target)?.narrow(0, d.out_start, len)?)?.to_dtype(DType::F32)?);
-        as_.push(d.a.to_dtype(DType::F32)?);
-        bs.push(pick(&d.b.to_dtype(DType::F32)?)?);
-        scales.push(d.scale as f32);
+        ws.push(w.to_dtype(DType::F32)?);
     }
     let w = Tensor::stack(&ws, 0)?; // [G, rows, in]
-    let dev = w.device().clone();
-    let g = idx.len();
-    let a = Tensor::stack(&as_, 0)?.to_device(&dev)?; // [G, r, in]
-    let b = Tensor::stack(&bs, 0)?.to_device(&dev)?; // [G, rows, r]
-    let scale = Tensor::from_vec(scales, (g, 1, 1), &dev)?;
-    // s·B·A in f32, as PEFT's get_delta_weight.
+                                    // s·B·A in f32, as PEFT's get_delta_weight.
     let dw = b.matmul(&a)?.broadcast_mul(&scale)?;
     // What a bf16 merge keeps: bf16(W + ΔW) − bf16(W) against ΔW. Elements whose delta is under
     // half a bf16 step of the weight vanish; the rest are rounded to whole steps.

@@ -742,7 +742,7 @@ impl Flash {
         let g = nh / kvh;
         let pk = if g * t <= 64 { g } else { 1 };
         let cfg = LaunchConfig {
-            grid_dim: ((pk * t).div_ceil(64) as u32, (nh / pk) as u32, b as u32),
+            grid_dim: ((nh / pk) as u32, b as u32, (pk * t).div_ceil(64) as u32),
             block_dim: (128, 1, 1),
             shared_mem_bytes: 0,
         };

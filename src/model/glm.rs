@@ -63,6 +63,13 @@ pub struct Glm {
 }
 
 /// What every layer of one forward pass shares: RoPE tables, attention mask, row selection.
+/// Positions the last layer keeps after attention (`Glm::forward_at`): flat indices [N] u32 and
+/// each one's row selection.
+struct Keep {
+    idx: Tensor,
+    sel: RowSelection,
+}
+
 struct Step<'a> {
     /// [B, T, rotary_dim/2]
     cos: Tensor,
@@ -317,7 +324,46 @@ impl Glm {
         ids: &Tensor,
         pad: &[usize],
         sel: &RowSelection,
+        cache: Option<&mut Cache>,
+    ) -> Result<Tensor> {
+        self.forward_inner(ids, pad, sel, cache, None)
+    }
+
+    /// As `forward`, but the hidden states only at flat positions `keep` (b·T + t, ascending):
+    /// [N, 1, H]. The last layer's MLP, most of its work, runs on those positions only (its
+    /// attention, and every KV cache, still covers all of them): scoring needs the hidden state
+    /// where a target is predicted, not at every prompt token.
+    pub fn forward_at(
+        &self,
+        ids: &Tensor,
+        pad: &[usize],
+        sel: &RowSelection,
+        cache: Option<&mut Cache>,
+        keep: &[u32],
+    ) -> Result<Tensor> {
+        let (b, t) = ids.dims2()?;
+        if let Some(&p) = keep.iter().find(|&&p| p as usize >= b * t) {
+            bail!("position {p} is outside a batch of {b} × {t}");
+        }
+        if keep.is_empty() {
+            return Ok(Tensor::zeros((0, 1, self.cfg.hidden_size), self.dtype, &self.device)?);
+        }
+        let rows = sel.rows();
+        let kept_sel: Vec<_> = keep.iter().map(|&p| rows.get(p as usize / t).copied().flatten()).collect();
+        let kept = Keep {
+            idx: Tensor::from_slice(keep, keep.len(), &self.device)?,
+            sel: RowSelection::new(kept_sel, &self.device, self.dtype),
+        };
+        self.forward_inner(ids, pad, sel, cache, Some(&kept))
+    }
+
+    fn forward_inner(
+        &self,
+        ids: &Tensor,
+        pad: &[usize],
+        sel: &RowSelection,
         mut cache: Option<&mut Cache>,
+        keep: Option<&Keep>,
     ) -> Result<Tensor> {
         let (b, t) = ids.dims2()?;
         if pad.len() != b || sel.rows().len() != b {
@@ -338,9 +384,10 @@ impl Glm {
             Ok((ctx, self.embed.embedding(&ids.flatten_all()?)?.reshape((b, t, self.cfg.hidden_size))?))
         })?;
         let mut pending = None;
+        let last = self.layers.len().saturating_sub(1);
         for (i, layer) in self.layers.iter().enumerate() {
             let kv = cache.as_deref_mut().map(|c| (c, i));
-            let (nx, d) = self.layer(layer, &x, pending.as_ref(), &ctx, kv)?;
+            let (nx, d) = self.layer(layer, &x, pending.as_ref(), &ctx, kv, keep.filter(|_| i == last))?;
             (x, pending) = (nx, Some(d));
         }
         if let Some(d) = pending {
@@ -391,7 +438,8 @@ impl Glm {
     }
 
     /// One decoder layer. `x` is the residual stream and `pending` the previous layer's MLP output,
-    /// not yet added: the add runs fused with this layer's first norm. Returns the new pair.
+    /// not yet added: the add runs fused with this layer's first norm. Returns the new pair; with
+    /// `keep`, only at those positions ([N, 1, H]) after attention.
     fn layer(
         &self,
         l: &Layer,
@@ -399,13 +447,21 @@ impl Glm {
         pending: Option<&Tensor>,
         ctx: &Step,
         kv: Option<(&mut Cache, usize)>,
+        keep: Option<&Keep>,
     ) -> Result<(Tensor, Tensor)> {
-        let sel = ctx.sel;
+        let mut sel = ctx.sel;
         let dev = &self.device;
         // On CUDA the norms and SwiGLU write rows with room for the next linear's LoRA columns.
-        let (x, h) =
+        let (mut x, h) =
             profile::section("norm_residual", dev, || self.add_norm(x, pending, &l.input_norm, l.qkv.input_width()))?;
         let mut a = self.attention(l, &h, ctx, kv)?;
+        if let Some(k) = keep {
+            let pick = |t: &Tensor| -> Result<Tensor> {
+                let h = t.dim(D::Minus1)?;
+                Ok(t.reshape(((), h))?.index_select(&k.idx, 0)?.unsqueeze(1)?)
+            };
+            (x, a, sel) = (pick(&x)?, pick(&a)?, &k.sel);
+        }
         let (x, h) = profile::section("norm_residual", dev, || {
             if let Some(n) = &l.post_self_attn_norm {
                 a = self.rms_norm(&a, n)?;

@@ -1,19 +1,41 @@
-//! Opt-in stage timings for the forward pass (GLM4_VERIFY_PROFILE=1): each section synchronises
-//! the device before and after, so the numbers are device time; printed to stderr at the end of a run.
+//! Opt-in timings (GLM4_VERIFY_PROFILE): `1` times forward-pass sections, each synchronising the
+//! device before and after (so the numbers are device time), and marks; `marks` only marks the
+//! wall-clock time since the process started at points of a run (no synchronisation, so the run
+//! keeps its speed). Printed to stderr at the end of a run.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU8, Ordering};
-use std::sync::Mutex;
+use std::sync::{Mutex, OnceLock};
 use std::time::Instant;
 
 use anyhow::Result;
 use candle_core::Device;
 
-static ENABLED: AtomicU8 = AtomicU8::new(2); // 2 = not read yet
+const OFF: u8 = 0;
+const SECTIONS: u8 = 1;
+const MARKS: u8 = 3;
+static MODE: AtomicU8 = AtomicU8::new(2); // 2 = not read yet
 /// (phase, section) → (seconds, calls)
 type Totals = BTreeMap<(&'static str, &'static str), (f64, u64)>;
 static TOTALS: Mutex<Totals> = Mutex::new(BTreeMap::new());
 static PHASE: Mutex<&'static str> = Mutex::new("");
+static START: OnceLock<Instant> = OnceLock::new();
+static MARKS_AT: Mutex<Vec<(&'static str, f64)>> = Mutex::new(Vec::new());
+
+fn mode() -> u8 {
+    match MODE.load(Ordering::Relaxed) {
+        2 => {
+            let m = match std::env::var("GLM4_VERIFY_PROFILE").as_deref() {
+                Ok("marks") => MARKS,
+                Ok("" | "0") | Err(_) => OFF,
+                Ok(_) => SECTIONS,
+            };
+            MODE.store(m, Ordering::Relaxed);
+            m
+        }
+        m => m,
+    }
+}
 
 /// Names the phase that following sections count under (e.g. scoring vs decoding).
 pub fn phase(name: &'static str) {
@@ -24,14 +46,32 @@ pub fn phase(name: &'static str) {
     }
 }
 
+/// Whether sections are timed (GLM4_VERIFY_PROFILE=1).
 pub fn enabled() -> bool {
-    match ENABLED.load(Ordering::Relaxed) {
-        2 => {
-            let on = std::env::var_os("GLM4_VERIFY_PROFILE").is_some_and(|v| v != "0");
-            ENABLED.store(on as u8, Ordering::Relaxed);
-            on
-        }
-        v => v == 1,
+    mode() == SECTIONS
+}
+
+/// Records the wall-clock time since the process started (the first mark) at a named point.
+pub fn mark(name: &'static str) {
+    if mode() == OFF {
+        return;
+    }
+    let t = START.get_or_init(Instant::now).elapsed().as_secs_f64();
+    if let Ok(mut m) = MARKS_AT.lock() {
+        m.push((name, t));
+    }
+}
+
+/// Adds host wall-clock time to `name` (marks mode too: no synchronisation of its own), e.g. the
+/// time spent queueing a decode step against the time waiting for its result.
+pub fn tally(name: &'static str, seconds: f64) {
+    if mode() == OFF {
+        return;
+    }
+    if let Ok(mut m) = TOTALS.lock() {
+        let e = m.entry(("host", name)).or_insert((0.0, 0));
+        e.0 += seconds;
+        e.1 += 1;
     }
 }
 
@@ -54,17 +94,25 @@ pub fn section<T>(name: &'static str, device: &Device, f: impl FnOnce() -> Resul
     Ok(r)
 }
 
-/// The table of sections (seconds, calls), when profiling is on.
+/// The table of sections (seconds, calls) and the marks, when profiling is on.
 pub fn report() -> Option<String> {
-    if !enabled() {
+    if mode() == OFF {
         return None;
     }
-    let m = TOTALS.lock().ok()?;
-    let total: f64 = m.values().map(|v| v.0).sum();
-    let mut s = format!("profile (device time, synchronised per section; total {total:.2}s)\n");
-    for ((phase, k), (t, n)) in m.iter() {
-        let k = format!("{phase} {k}");
-        s.push_str(&format!("  {k:<30} {t:>8.3}s {:>5.1}% {n:>8} calls\n", 100.0 * t / total.max(1e-9)));
+    let mut s = String::new();
+    {
+        let m = TOTALS.lock().ok()?;
+        let total: f64 = m.iter().filter(|(k, _)| k.0 != "host").map(|(_, v)| v.0).sum();
+        s.push_str(&format!("profile (device time, synchronised per section; total {total:.2}s; host: wall-clock)\n"));
+        for ((phase, k), (t, n)) in m.iter() {
+            let k = format!("{phase} {k}");
+            let share = if *phase == "host" { String::new() } else { format!("{:.1}%", 100.0 * t / total.max(1e-9)) };
+            s.push_str(&format!("  {k:<30} {t:>8.3}s {share:>6} {n:>8} calls\n"));
+        }
+    }
+    s.push_str("marks (wall-clock seconds since the process started)\n");
+    for (name, t) in MARKS_AT.lock().ok()?.iter() {
+        s.push_str(&format!("  {t:>8.3}s  {name}\n"));
     }
     Some(s)
 }

@@ -187,6 +187,13 @@ fn simulated_oom(tokens: usize) -> Result<()> {
     Ok(())
 }
 
+/// Whether scoring passes run the last layer's MLP only where hidden states are read (on by
+/// default; GLM4_VERIFY_PRUNE=0 runs it everywhere, for comparisons).
+fn prune_enabled() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| std::env::var("GLM4_VERIFY_PRUNE").map_or(true, |v| v != "0"))
+}
+
 /// What a scoring batch leaves for generation: its rows' KV caches over their prompts.
 struct Pending {
     cache: Cache,
@@ -231,7 +238,6 @@ fn score_batch(
     simulated_oom(rows.len() * t)?;
     let row_sel = RowSelection::new(sel.clone(), model.device(), model.dtype());
     let mut cache = keep.then(|| model.new_cache(t));
-    let hidden = model.forward(&ids, &pads, &row_sel, cache.as_mut())?;
     // Logits only where a label follows: position j-1 predicts label j.
     let mut at = Vec::new();
     let mut tgt = Vec::new();
@@ -246,16 +252,39 @@ fn score_batch(
             }
         }
     }
+    // With the prompts' caches kept, also the prompt's last position (the first generated token).
+    let mut last: Vec<u32> = if keep { (0..rows.len()).map(|r| (r * t + head - 1) as u32).collect() } else { vec![] };
+    let t0 = std::time::Instant::now();
+    let hidden = if prune_enabled() {
+        // The last layer's MLP runs only where hidden states are read.
+        let mut wanted: Vec<u32> = at.iter().chain(&last).copied().collect();
+        wanted.sort_unstable();
+        wanted.dedup();
+        let slot = |p: &mut u32| -> Result<()> {
+            *p = wanted.binary_search(p).map_err(|_| anyhow::anyhow!("internal: position {p} not kept"))? as u32;
+            Ok(())
+        };
+        at.iter_mut().try_for_each(slot)?;
+        last.iter_mut().try_for_each(slot)?;
+        model.forward_at(&ids, &pads, &row_sel, cache.as_mut(), &wanted)?
+    } else {
+        model.forward(&ids, &pads, &row_sel, cache.as_mut())?
+    };
+    profile::tally("score: queue forward", t0.elapsed().as_secs_f64());
     let chunk = lim.max_logit_rows.max(1);
     let mut picked: Vec<f32> = Vec::with_capacity(at.len());
     for (at, tgt) in at.chunks(chunk).zip(tgt.chunks(chunk)) {
-        picked.extend(model.target_log_probs(&hidden, at, tgt)?.to_vec1::<f32>()?);
+        let t0 = std::time::Instant::now();
+        let lp = model.target_log_probs(&hidden, at, tgt)?;
+        let t1 = std::time::Instant::now();
+        picked.extend(lp.to_vec1::<f32>()?);
+        profile::tally("score: queue", (t1 - t0).as_secs_f64());
+        profile::tally("score: wait", t1.elapsed().as_secs_f64());
     }
     for (p, (vi, i)) in picked.into_iter().zip(owner) {
         out[vi][i].push(p);
     }
     let Some(mut cache) = cache else { return Ok(None) };
-    let last: Vec<u32> = (0..rows.len()).map(|r| (r * t + head - 1) as u32).collect();
     let first = model.logits_at(&hidden, &last)?.argmax(1)?.to_vec1()?;
     cache.truncate(head)?;
     Ok(Some(Pending { cache, pads, sel, which, first }))
@@ -360,6 +389,9 @@ fn run_all(
         }
         let t = std::time::Instant::now();
         let p = score_batch(model, items, &used, &batch, variants, lim, true, &mut o.scores)?;
+        if o.score_s == 0.0 {
+            profile::mark("first scoring pass done");
+        }
         o.score_s += t.elapsed().as_secs_f64();
         pending.extend(p);
         (rows, longest, steps) = (rows + b_rows, longest.max(b_len), steps.max(b_steps));
@@ -470,9 +502,15 @@ fn decode(
             break;
         }
         crate::stop::check()?;
+        let t0 = std::time::Instant::now();
         let input = Tensor::from_vec(next, (which.len(), 1), model.device())?;
         let hidden = model.forward(&input, pads, &sel, Some(&mut cache))?;
-        next = model.last_logits(&hidden)?.argmax(1)?.to_vec1()?;
+        let ids = model.last_logits(&hidden)?.argmax(1)?;
+        let t1 = std::time::Instant::now();
+        next = ids.to_vec1()?;
+        // Host time queueing a step against waiting for it: a step that waits ~0 is bound by the host.
+        profile::tally("decode: queue", (t1 - t0).as_secs_f64());
+        profile::tally("decode: wait", t1.elapsed().as_secs_f64());
     }
     Ok(())
 }
