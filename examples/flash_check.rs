@@ -75,6 +75,12 @@ fn main() -> Result<()> {
         ((2, 32, 2, 2, 300, 128), &[0, 299]),
         ((2, 8, 2, 16, 100, 64), &[0, 30]),
         ((2, 8, 2, 20, 100, 64), &[5, 0]),
+        // Up to 16 query rows (the decoding kernel, warps splitting the keys): several heads and
+        // queries, one head and several queries, D = 16, a row whose first queries see no key.
+        ((2, 8, 2, 4, 90, 64), &[88, 0]),
+        ((2, 4, 4, 8, 40, 32), &[0, 7]),
+        ((2, 4, 2, 1, 33, 16), &[0, 32]),
+        ((4, 32, 2, 1, 1100, 128), &[0, 63, 64, 1000]),
     ];
     for &(shape, pads) in cases {
         let err = case(&dev, shape, pads)?;

@@ -208,6 +208,24 @@ __device__ void target_logprob(const T *logits, const unsigned int *tgt, float *
   }
 }
 
+// out[r, :] = src[idx[r], :] for src [R, cols] (rows of a hidden-state or weight matrix). candle's
+// index_select uploads its index layout from host memory at every call, and such a copy waits for
+// everything queued before it: this one reads only device memory. One block per output row.
+template <typename T>
+__device__ void gather_rows(const T *src, const unsigned int *idx, T *out, long long n, long long cols) {
+  constexpr int V = Pack<T>::N;
+  for (long long r = blockIdx.x; r < n; r += gridDim.x) {
+    const T *s = src + (long long)idx[r] * cols;
+    T *o = out + r * cols;
+    if (cols % V == 0) {
+      for (long long c = threadIdx.x; c < cols / V; c += blockDim.x)
+        reinterpret_cast<Pack<T> *>(o)[c] = reinterpret_cast<const Pack<T> *>(s)[c];
+    } else {
+      for (long long c = threadIdx.x; c < cols; c += blockDim.x) o[c] = s[c];
+    }
+  }
+}
+
 // Splits a fused q/k/v projection qkv [B, T, (nh + 2·kvh)·D] into heads-first q [B, nh, T, D],
 // k and v [B, kvh, T, D] (written one after the other to `out`), applying interleaved RoPE to the
 // first `rd` dims of every q and k head with cos/sin [B, T, rd/2]. Rounded after every product and
@@ -502,6 +520,173 @@ __device__ void flash_attn(const T *q, const T *k, const T *v, const unsigned in
 #endif
 }
 
+// Decoding (pk·t <= 16 query rows, e.g. the 16 query heads of a key/value head at t = 1): one warp's
+// worth of rows, so instead of one busy warp the four warps split each 64-key tile, 16 keys each,
+// with their own running max, sum and output; the four partial results are merged through shared
+// memory at the end (flash-decoding inside a block). Same arguments and grid as flash_attn.
+template <typename T, int D>
+__device__ void flash_decode(const T *q, const T *k, const T *v, const unsigned int *pad, T *out, int nh, int kvh,
+                             int t, int s, long long kv_hs, int ld, float scale, int pk) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  constexpr int BC = 64, KS = D / 16, ND = D / 8, SP = D + 8, W = 4;
+  // Key and value tiles, then (after the loop) the warps' partial outputs [W][16][D] and m, l [W][16].
+  static_assert(2 * BC * SP * sizeof(T) >= (W * 16 * D + 2 * W * 16) * sizeof(float), "merge buffer");
+  __shared__ __align__(16) T kvs[2 * BC * SP];
+  T *ks = kvs, *vs = kvs + BC * SP;
+  const int b = blockIdx.y, rows = pk * t;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, tq = lane & 3;
+  const int offset = s - t, lo = (int)pad[b];
+  const float scale_log2 = scale * 1.4426950408889634f;
+  const int kv = blockIdx.x * pk / (nh / kvh);
+  const T *kh = k + ((long long)b * kvh + kv) * kv_hs;
+  const T *vh = v + ((long long)b * kvh + kv) * kv_hs;
+  bool valid[2];
+  int hd[2], qi[2];
+#pragma unroll
+  for (int r = 0; r < 2; r++) {
+    int R = g + r * 8;
+    valid[r] = R < rows;
+    hd[r] = blockIdx.x * pk + (valid[r] ? R / t : 0);
+    qi[r] = valid[r] ? R % t : 0;
+  }
+  uint32_t qa[KS][4];
+#pragma unroll
+  for (int kk = 0; kk < KS; kk++)
+#pragma unroll
+    for (int r = 0; r < 4; r++) {
+      int c = kk * 16 + tq * 2 + (r >> 1) * 8;
+      const T *qr = q + (((long long)b * nh + hd[r & 1]) * t + qi[r & 1]) * D + c;
+      qa[kk][r] = valid[r & 1] ? *reinterpret_cast<const uint32_t *>(qr) : 0u;
+    }
+  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
+  float o[ND][4];
+#pragma unroll
+  for (int n = 0; n < ND; n++) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.0f;
+  // The rows' query indices run from 0 to `last` (one head: rows - 1; several heads: t - 1).
+  const int last = rows <= t ? rows - 1 : t - 1;
+  const int j_end = min(offset + last + 1, s);
+  for (int j0 = (lo / BC) * BC; j0 < j_end; j0 += BC) {
+    load_tile<T, D, BC, SP>(ks, kh, j0, s);
+    load_tile<T, D, BC, SP>(vs, vh, j0, s);
+    cp_async_wait<0>();
+    __syncthreads();
+    // This warp's 16 keys of the tile: n tiles 2·warp and 2·warp + 1.
+    float sc[2][4];
+#pragma unroll
+    for (int h = 0; h < 2; h++) {
+      const int n = 2 * warp + h;
+      sc[h][0] = sc[h][1] = sc[h][2] = sc[h][3] = 0.0f;
+      const T *kr = ks + (n * 8 + (lane & 7)) * SP + (lane >> 3) * 8;
+      if constexpr (KS == 1) {
+        uint32_t kb[2];
+        ldsm_x2(kb, kr);
+        Mma<T>::run(sc[h], qa[0], kb[0], kb[1]);
+      } else {
+#pragma unroll
+        for (int kk = 0; kk < KS; kk += 2) {
+          uint32_t kb[4];
+          ldsm_x4(kb, kr + kk * 16);
+          Mma<T>::run(sc[h], qa[kk], kb[0], kb[1]);
+          Mma<T>::run(sc[h], qa[kk + 1], kb[2], kb[3]);
+        }
+      }
+    }
+    const int jw = j0 + warp * 16;
+    const bool full = jw >= lo && jw + 16 <= s && jw + 15 <= offset;  // every row sees all 16 keys
+    float tmax[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+    for (int h = 0; h < 2; h++)
+#pragma unroll
+      for (int e = 0; e < 4; e++) {
+        int i = qi[e >> 1], j = jw + h * 8 + tq * 2 + (e & 1);
+        if (!full && !(valid[e >> 1] && j < s && j >= lo && j <= offset + i)) sc[h][e] = -INFINITY;
+        tmax[e >> 1] = fmaxf(tmax[e >> 1], sc[h][e]);
+      }
+    float alpha[2], ms[2], sum[2] = {0.0f, 0.0f};
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+      tmax[r] = fmaxf(tmax[r], __shfl_xor_sync(0xffffffff, tmax[r], 1));
+      tmax[r] = fmaxf(tmax[r], __shfl_xor_sync(0xffffffff, tmax[r], 2));
+      float mn = fmaxf(m[r], tmax[r]);
+      alpha[r] = mn == -INFINITY ? 1.0f : exp2f((m[r] - mn) * scale_log2);
+      m[r] = mn;
+      ms[r] = mn == -INFINITY ? 0.0f : mn * scale_log2;
+    }
+    uint32_t pa[4];
+#pragma unroll
+    for (int h = 0; h < 2; h++) {
+      float p[4];
+#pragma unroll
+      for (int e = 0; e < 4; e++) {
+        p[e] = exp2f(fmaf(sc[h][e], scale_log2, -ms[e >> 1]));
+        sum[e >> 1] += p[e];
+      }
+      pa[h * 2 + 0] = pack2<T>(p[0], p[1]);
+      pa[h * 2 + 1] = pack2<T>(p[2], p[3]);
+    }
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+      sum[r] += __shfl_xor_sync(0xffffffff, sum[r], 1);
+      sum[r] += __shfl_xor_sync(0xffffffff, sum[r], 2);
+      l[r] = l[r] * alpha[r] + sum[r];
+    }
+#pragma unroll
+    for (int n = 0; n < ND; n++) {
+      o[n][0] *= alpha[0];
+      o[n][1] *= alpha[0];
+      o[n][2] *= alpha[1];
+      o[n][3] *= alpha[1];
+    }
+    // o += p·v over this warp's 16 keys (one k16 step).
+    const T *vr = vs + (warp * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * SP + (lane >> 4) * 8;
+#pragma unroll
+    for (int n = 0; n < ND; n += 2) {
+      uint32_t vb[4];
+      ldsm_x4_t(vb, vr + n * 8);
+      Mma<T>::run(o[n], pa, vb[0], vb[1]);
+      Mma<T>::run(o[n + 1], pa, vb[2], vb[3]);
+    }
+    __syncthreads();  // the tiles are read by everyone before the next copies
+  }
+  // Merge the warps: out = Σ_w 2^((m_w − M)·c) o_w / Σ_w 2^((m_w − M)·c) l_w.
+  float *ow = reinterpret_cast<float *>(kvs), *mw = ow + W * 16 * D, *lw = mw + W * 16;
+#pragma unroll
+  for (int r = 0; r < 2; r++) {
+    const int row = g + r * 8;
+    if (tq == 0) mw[warp * 16 + row] = m[r], lw[warp * 16 + row] = l[r];
+#pragma unroll
+    for (int n = 0; n < ND; n++) {
+      ow[(warp * 16 + row) * D + n * 8 + tq * 2] = o[n][r * 2];
+      ow[(warp * 16 + row) * D + n * 8 + tq * 2 + 1] = o[n][r * 2 + 1];
+    }
+  }
+  __syncthreads();
+  for (int idx = threadIdx.x; idx < min(rows, 16) * (D / 2); idx += blockDim.x) {
+    const int row = idx / (D / 2), c = (idx % (D / 2)) * 2;
+    float mx = -INFINITY;
+#pragma unroll
+    for (int w = 0; w < W; w++) mx = fmaxf(mx, mw[w * 16 + row]);
+    float lsum = 0.0f, o0 = 0.0f, o1 = 0.0f;
+#pragma unroll
+    for (int w = 0; w < W; w++) {
+      const float mv = mw[w * 16 + row];
+      const float f = mv == -INFINITY ? 0.0f : exp2f((mv - mx) * scale_log2);
+      lsum += f * lw[w * 16 + row];
+      o0 += f * ow[(w * 16 + row) * D + c];
+      o1 += f * ow[(w * 16 + row) * D + c + 1];
+    }
+    const float inv = lsum > 0.0f ? 1.0f / lsum : 0.0f;
+    const int h = blockIdx.x * pk + row / t, i = row % t;
+    *reinterpret_cast<uint32_t *>(out + ((long long)b * t + i) * ld + h * D + c) = pack2<T>(o0 * inv, o1 * inv);
+  }
+  if (blockIdx.x == 0)
+    for (int R = 0; R < min(16, t); R++)
+      for (int c = nh * D + threadIdx.x; c < ld; c += blockDim.x) out[((long long)b * t + R) * ld + c] = from_f<T>(0.0f);
+#else
+  __trap();
+#endif
+}
+
 // Three blocks per SM (168 registers, a few bytes spilled): ~9% faster than two on the 9B shape.
 #define FLASH(T, SUFFIX, D)                                                                                     \
   extern "C" __global__ void __launch_bounds__(128, 3)                                                          \
@@ -509,6 +694,20 @@ __device__ void flash_attn(const T *q, const T *k, const T *v, const unsigned in
                                 int kvh, int t, int s, long long kv_hs, int ld, float scale, int pk) {          \
     flash_attn<T, D>(q, k, v, pad, out, nh, kvh, t, s, kv_hs, ld, scale, pk);                                   \
   }
+#define FLASH_DECODE(T, SUFFIX, D)                                                                              \
+  extern "C" __global__ void __launch_bounds__(128)                                                             \
+      flash_decode_##SUFFIX##_##D(const T *q, const T *k, const T *v, const unsigned int *pad, T *out, int nh,  \
+                                  int kvh, int t, int s, long long kv_hs, int ld, float scale, int pk) {        \
+    flash_decode<T, D>(q, k, v, pad, out, nh, kvh, t, s, kv_hs, ld, scale, pk);                                 \
+  }
+FLASH_DECODE(__nv_bfloat16, bf16, 16)
+FLASH_DECODE(__nv_bfloat16, bf16, 32)
+FLASH_DECODE(__nv_bfloat16, bf16, 64)
+FLASH_DECODE(__nv_bfloat16, bf16, 128)
+FLASH_DECODE(__half, f16, 16)
+FLASH_DECODE(__half, f16, 32)
+FLASH_DECODE(__half, f16, 64)
+FLASH_DECODE(__half, f16, 128)
 FLASH(__nv_bfloat16, bf16, 16)
 FLASH(__nv_bfloat16, bf16, 32)
 FLASH(__nv_bfloat16, bf16, 64)
@@ -540,6 +739,10 @@ FLASH(__half, f16, 128)
   extern "C" __global__ void lora_mask_##SUFFIX(T *xh, const T *mask, long long n_rows, int in, int R, int ld,  \
                                                 int t) {                                                    \
     lora_mask<T>(xh, mask, n_rows, in, R, ld, t);                                                           \
+  }                                                                                                         \
+  extern "C" __global__ void gather_rows_##SUFFIX(const T *src, const unsigned int *idx, T *out, long long n,  \
+                                                 long long cols) {                                          \
+    gather_rows<T>(src, idx, out, n, cols);                                                                 \
   }                                                                                                         \
   extern "C" __global__ void target_logprob_##SUFFIX(const T *logits, const unsigned int *tgt, float *out, int v) { \
     target_logprob<T>(logits, tgt, out, v);                                                                 \

@@ -353,7 +353,7 @@ fn effect_stats(
                     t
                 }
             };
-            w.index_select(&at, 0)?
+            crate::model::gather_rows(&w, &at)?
         };
         ws.push(w.to_dtype(DType::F32)?);
     }

@@ -657,6 +657,65 @@ impl CustomOp2 for TargetLogProb {
     }
 }
 
+/// Rows `idx` [N] u32 of src [R, C] (contiguous) → [N, C], reading only device memory (candle's
+/// index_select copies its index layout from the host, which waits for the device's queue).
+pub fn gather_rows(src: &Tensor, idx: &Tensor) -> candle_core::Result<Tensor> {
+    src.apply_op2_no_bwd(idx, &GatherRows)
+}
+
+struct GatherRows;
+
+impl GatherRows {
+    fn go<T: CudaDType + DeviceRepr>(
+        &self,
+        x: (&CudaStorage, &Layout),
+        idx: (&CudaStorage, &Layout),
+    ) -> candle_core::Result<(CudaStorage, Shape)> {
+        let (_, cols) = x.1.shape().dims2()?;
+        let n = idx.1.shape().elem_count();
+        let dev = x.0.device().clone();
+        // 16-byte copies (used when a row is whole packs) need a pack-aligned start.
+        let align = if cols.is_multiple_of(pack(x.0.dtype())) { pack(x.0.dtype()) } else { 1 };
+        let xv = view::<T>(x.0, x.1, "gather source", align)?;
+        let iv = view::<u32>(idx.0, idx.1, "gather rows", 1)?;
+        // SAFETY: every element is written by the kernel.
+        let out = unsafe { dev.alloc::<T>(n * cols)? };
+        if n > 0 {
+            let func = dev.get_or_load_custom_func(&format!("gather_rows_{}", suffix(x.0.dtype())?), MODULE, PTX)?;
+            let cfg =
+                LaunchConfig { grid_dim: (n.min(1 << 30) as u32, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
+            let (nn, cc) = (n as i64, cols as i64);
+            let mut b = func.builder();
+            b.arg(&xv);
+            b.arg(&iv);
+            b.arg(&out);
+            b.arg(&nn);
+            b.arg(&cc);
+            // SAFETY: argument types match the kernel's signature; the callers' indices are below
+            // src's row count (they come from the engine's own layouts, not from input files).
+            unsafe { b.launch(cfg) }.w()?;
+        }
+        Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from((n, cols))))
+    }
+}
+
+impl CustomOp2 for GatherRows {
+    cuda_only!(op2, "gather-rows");
+
+    fn cuda_fwd(
+        &self,
+        x: &CudaStorage,
+        xl: &Layout,
+        i: &CudaStorage,
+        il: &Layout,
+    ) -> candle_core::Result<(CudaStorage, Shape)> {
+        if i.dtype() != DType::U32 {
+            candle_core::bail!("gather rows: indices must be u32, not {:?}", i.dtype());
+        }
+        by_dtype!(x.dtype(), T => self.go::<T>((x, xl), (i, il)))
+    }
+}
+
 /// Flash attention (kernels/fused.cu `flash_attn`): q [B, nh, t, D] (contiguous), k, v
 /// [B, kvh, s, D] (rows contiguous, heads any distance apart: KV-cache views), `pad` [B] u32 → the o
 /// projection's input rows [B·t, ld]: heads merged, zeros after nh·D. bf16/f16, D in {16, 32, 64, 128}.
@@ -737,10 +796,12 @@ impl Flash {
         }
         // SAFETY: every element is written by the kernel (heads, then zeros up to ld).
         let out = unsafe { dev.alloc::<T>(b * t * self.ld)? };
-        let func = dev.get_or_load_custom_func(&format!("flash_attn_{}_{d}", suffix(q.0.dtype())?), MODULE, PTX)?;
-        // The heads sharing a key/value head go into one block when their queries fit (decoding).
+        // The heads sharing a key/value head go into one block when their queries fit (decoding);
+        // up to 16 query rows, the block's warps split the keys instead of the rows.
         let g = nh / kvh;
         let pk = if g * t <= 64 { g } else { 1 };
+        let kernel = if pk * t <= 16 { "flash_decode" } else { "flash_attn" };
+        let func = dev.get_or_load_custom_func(&format!("{kernel}_{}_{d}", suffix(q.0.dtype())?), MODULE, PTX)?;
         let cfg = LaunchConfig {
             grid_dim: ((nh / pk) as u32, b as u32, (pk * t).div_ceil(64) as u32),
             block_dim: (128, 1, 1),

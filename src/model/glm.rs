@@ -346,6 +346,9 @@ impl Glm {
             bail!("position {p} is outside a batch of {b} × {t}");
         }
         if keep.is_empty() {
+            if cache.is_some() {
+                self.forward_inner(ids, pad, sel, cache, None)?; // the cache still fills
+            }
             return Ok(Tensor::zeros((0, 1, self.cfg.hidden_size), self.dtype, &self.device)?);
         }
         let rows = sel.rows();
@@ -408,14 +411,18 @@ impl Glm {
 
     /// Logits (f32) at chosen flat positions of hidden [B, T, H] → [N, V].
     pub fn logits_at(&self, hidden: &Tensor, at: &[u32]) -> Result<Tensor> {
+        self.logits_at_t(hidden, &Tensor::from_slice(at, at.len(), &self.device)?)
+    }
+
+    /// As `logits_at`, the positions already on the device ([N] u32): nothing waits for the device.
+    pub fn logits_at_t(&self, hidden: &Tensor, at: &Tensor) -> Result<Tensor> {
         profile::section("logits", &self.device, || Ok(self.logits_at_inner(hidden, at)?.to_dtype(DType::F32)?))
     }
 
-    fn logits_at_inner(&self, hidden: &Tensor, at: &[u32]) -> Result<Tensor> {
+    fn logits_at_inner(&self, hidden: &Tensor, at: &Tensor) -> Result<Tensor> {
         let h = hidden.dim(D::Minus1)?;
         let flat = hidden.reshape(((), h))?;
-        let idx = Tensor::from_slice(at, at.len(), &self.device)?;
-        let rows = flat.index_select(&idx, 0)?;
+        let rows = super::gather_rows(&flat, at)?;
         let rows = self.rms_norm(&rows, &self.final_norm)?;
         Ok(rows.matmul(&self.lm_head.t()?)?)
     }
@@ -423,18 +430,30 @@ impl Glm {
     /// log p(targets[i]) at flat positions `at[i]` of hidden [B, T, H] → [N] f32: log-softmax
     /// (in f32) of the logits there, read at the target.
     pub fn target_log_probs(&self, hidden: &Tensor, at: &[u32], targets: &[u32]) -> Result<Tensor> {
+        let dev = &self.device;
+        self.target_log_probs_t(
+            hidden,
+            &Tensor::from_slice(at, at.len(), dev)?,
+            &Tensor::from_slice(targets, targets.len(), dev)?,
+        )
+    }
+
+    /// As `target_log_probs`, positions and targets already on the device ([N] u32 each): a copy
+    /// from the host waits for everything queued before it, so callers upload them before the
+    /// forward pass and the pass runs to its read-back without a gap.
+    pub fn target_log_probs_t(&self, hidden: &Tensor, at: &Tensor, targets: &Tensor) -> Result<Tensor> {
         #[cfg(feature = "cuda")]
         if self.fused() {
             // The logits in the model dtype (their f32 cast is exact) read once by one kernel.
             let logits = profile::section("logits", &self.device, || self.logits_at_inner(hidden, at))?;
-            let idx = Tensor::from_slice(targets, targets.len(), &self.device)?;
             return profile::section("log_softmax", &self.device, || {
-                Ok(super::cuda_ops::target_log_probs(&logits, &idx)?)
+                Ok(super::cuda_ops::target_log_probs(&logits, targets)?)
             });
         }
-        let lp = self.log_probs_at(hidden, at)?;
-        let idx = Tensor::from_slice(targets, (targets.len(), 1), &self.device)?;
-        Ok(lp.gather(&idx, 1)?.flatten_all()?)
+        let logits = self.logits_at_t(hidden, at)?;
+        let lp =
+            profile::section("log_softmax", &self.device, || Ok(candle_nn::ops::log_softmax(&logits, D::Minus1)?))?;
+        Ok(lp.gather(&targets.unsqueeze(1)?.contiguous()?, 1)?.flatten_all()?)
     }
 
     /// One decoder layer. `x` is the residual stream and `pending` the previous layer's MLP output,
@@ -458,7 +477,7 @@ impl Glm {
         if let Some(k) = keep {
             let pick = |t: &Tensor| -> Result<Tensor> {
                 let h = t.dim(D::Minus1)?;
-                Ok(t.reshape(((), h))?.index_select(&k.idx, 0)?.unsqueeze(1)?)
+                Ok(super::gather_rows(&t.reshape(((), h))?, &k.idx)?.unsqueeze(1)?)
             };
             (x, a, sel) = (pick(&x)?, pick(&a)?, &k.sel);
         }
@@ -671,7 +690,14 @@ impl Glm {
 
     /// The last position's logits of every row of hidden [B, T, H] → [B, V] f32.
     pub fn last_logits(&self, hidden: &Tensor) -> Result<Tensor> {
-        let (b, t, _) = hidden.dims3()?;
+        let (b, t, h) = hidden.dims3()?;
+        if t == 1 {
+            // Decoding: every row is a last position (no index to copy to the device).
+            let rows = self.rms_norm(&hidden.reshape((b, h))?, &self.final_norm)?;
+            return profile::section("logits", &self.device, || {
+                Ok(rows.matmul(&self.lm_head.t()?)?.to_dtype(DType::F32)?)
+            });
+        }
         let at: Vec<u32> = (0..b).map(|i| (i * t + t - 1) as u32).collect();
         self.logits_at(hidden, &at)
     }

@@ -28,6 +28,16 @@ pub fn loads() -> usize {
 }
 
 /// Loads a model directory (config.json + safetensors) in `dtype` on `device`.
+/// Rows `idx` ([N] u32) of `src` [R, C] → [N, C]: on CUDA without the host copy (and the wait for
+/// the device's queue) that candle's index_select makes at every call.
+pub fn gather_rows(src: &candle_core::Tensor, idx: &candle_core::Tensor) -> Result<candle_core::Tensor> {
+    #[cfg(feature = "cuda")]
+    if src.device().is_cuda() && matches!(src.dtype(), DType::BF16 | DType::F16 | DType::F32) {
+        return Ok(cuda_ops::gather_rows(&src.contiguous()?, &idx.contiguous()?)?);
+    }
+    Ok(src.index_select(idx, 0)?)
+}
+
 pub fn load_dir(dir: &Path, dtype: DType, device: &Device) -> Result<Glm> {
     load_from(dir, &weights::Weights::open_dir(dir)?, dtype, device)
 }

@@ -254,10 +254,10 @@ fn score_batch(
     }
     // With the prompts' caches kept, also the prompt's last position (the first generated token).
     let mut last: Vec<u32> = if keep { (0..rows.len()).map(|r| (r * t + head - 1) as u32).collect() } else { vec![] };
-    let t0 = std::time::Instant::now();
-    let hidden = if prune_enabled() {
-        // The last layer's MLP runs only where hidden states are read.
-        let mut wanted: Vec<u32> = at.iter().chain(&last).copied().collect();
+    // The last layer's MLP runs only where hidden states are read: positions then index its rows.
+    let mut wanted = Vec::new();
+    if prune_enabled() {
+        wanted = at.iter().chain(&last).copied().collect();
         wanted.sort_unstable();
         wanted.dedup();
         let slot = |p: &mut u32| -> Result<()> {
@@ -266,26 +266,37 @@ fn score_batch(
         };
         at.iter_mut().try_for_each(slot)?;
         last.iter_mut().try_for_each(slot)?;
+    }
+    // One upload of positions, targets and prompt ends, before the pass is queued: a copy from the
+    // host waits for the device's queue, so the pass then runs to its one read-back without a gap.
+    let (n_at, n_last) = (at.len(), last.len());
+    let idx = Tensor::from_vec([at, tgt, last].concat(), 2 * n_at + n_last, model.device())?;
+    let (at_t, tgt_t, last_t) = (idx.narrow(0, 0, n_at)?, idx.narrow(0, n_at, n_at)?, idx.narrow(0, 2 * n_at, n_last)?);
+    let t0 = std::time::Instant::now();
+    let hidden = if prune_enabled() {
         model.forward_at(&ids, &pads, &row_sel, cache.as_mut(), &wanted)?
     } else {
         model.forward(&ids, &pads, &row_sel, cache.as_mut())?
     };
     profile::tally("score: queue forward", t0.elapsed().as_secs_f64());
     let chunk = lim.max_logit_rows.max(1);
-    let mut picked: Vec<f32> = Vec::with_capacity(at.len());
-    for (at, tgt) in at.chunks(chunk).zip(tgt.chunks(chunk)) {
-        let t0 = std::time::Instant::now();
-        let lp = model.target_log_probs(&hidden, at, tgt)?;
-        let t1 = std::time::Instant::now();
-        picked.extend(lp.to_vec1::<f32>()?);
-        profile::tally("score: queue", (t1 - t0).as_secs_f64());
-        profile::tally("score: wait", t1.elapsed().as_secs_f64());
+    let mut lps = Vec::new();
+    for start in (0..n_at).step_by(chunk) {
+        let n = chunk.min(n_at - start);
+        lps.push(model.target_log_probs_t(&hidden, &at_t.narrow(0, start, n)?, &tgt_t.narrow(0, start, n)?)?);
     }
+    let first = match keep {
+        true => Some(model.logits_at_t(&hidden, &last_t)?.argmax(1)?),
+        false => None,
+    };
+    let t1 = std::time::Instant::now();
+    let picked: Vec<f32> = if lps.is_empty() { vec![] } else { Tensor::cat(&lps, 0)?.to_vec1()? };
+    profile::tally("score: wait", t1.elapsed().as_secs_f64());
     for (p, (vi, i)) in picked.into_iter().zip(owner) {
         out[vi][i].push(p);
     }
-    let Some(mut cache) = cache else { return Ok(None) };
-    let first = model.logits_at(&hidden, &last)?.argmax(1)?.to_vec1()?;
+    let (Some(mut cache), Some(first)) = (cache, first) else { return Ok(None) };
+    let first = first.to_vec1()?;
     cache.truncate(head)?;
     Ok(Some(Pending { cache, pads, sel, which, first }))
 }
