@@ -492,12 +492,12 @@ pub fn verify(opts: &Options) -> Result<Vec<Report>> {
     progress.stage(format!("loading {}", base_dir.display()));
     let t_load = Instant::now();
     let mut base = section("weights", &dev, || model::load_from(&base_dir, &base_weights, dtype, &dev))?;
-    drop(base_weights);
     mark("weights loaded");
     // LoRA adapters ride the side path of the one base; merged models are separate models.
     let mut lora_slots: Vec<Option<usize>> = Vec::new();
     let mut per_adapter: Vec<(Vec<Finding>, AdapterInfo)> = Vec::new();
     let mut attach = Vec::new();
+    let mut effect_jobs = Vec::new(); // (report, position among its findings, matched pairs)
     for input in &inputs {
         match input {
             AdapterInput::Lora { dir, note } => {
@@ -505,9 +505,8 @@ pub fn verify(opts: &Options) -> Result<Vec<Report>> {
                 let m = match_to_base(&a, &base.cfg)?;
                 let mut fs =
                     section("adapter checks: files", &dev, || checks::adapter::check_files(&a, &m, &base.cfg))?;
-                fs.extend(section("adapter checks: effect", &dev, || {
-                    Ok(checks::adapter::check_effect(&checks::adapter::weight_from_model(&base), &m)?.1)
-                })?);
+                // The effect check comes later, from another thread; its findings go here.
+                effect_jobs.push((per_adapter.len(), fs.len(), m.clone()));
                 if let Some(ts) = checks::train::find_trainer_state(dir)
                     .or_else(|| dir.parent().and_then(checks::train::find_trainer_state))
                 {
@@ -548,6 +547,17 @@ pub fn verify(opts: &Options) -> Result<Vec<Report>> {
         }
     }
     mark("adapter checks done");
+    // The adapters' effect checks read sampled rows of the base weights from the files, on other
+    // threads, while the device attaches the adapters and scores: they need neither.
+    let (effect_slots, jobs): (Vec<(usize, usize)>, Vec<_>) =
+        effect_jobs.into_iter().map(|(r, at, m)| ((r, at), m)).unzip();
+    let effect_job = {
+        let cfg = base_cfg.clone();
+        std::thread::spawn(move || -> Result<Vec<Vec<Finding>>> {
+            let rows = checks::adapter::weight_rows_from_files(&base_weights, &cfg);
+            jobs.iter().map(|m| Ok(checks::adapter::check_effect(&rows, m)?.1)).collect()
+        })
+    };
     section("attach adapters", &dev, || base.attach(&attach))?;
     mark("adapters attached");
     let layout = base.cfg.layout.as_str().to_string();
@@ -585,6 +595,14 @@ pub fn verify(opts: &Options) -> Result<Vec<Report>> {
     // A stopped run (Ctrl-C, --timeout) reports the samples that finished, as incomplete.
     let (base_complete, mut stopped) = (out.complete, out.stopped);
     mark("scored and generated");
+    let effects = effect_job
+        .join()
+        .map_err(|_| anyhow!("the adapter effect check failed unexpectedly (a thread panicked)"))??;
+    for ((report, at), found) in effect_slots.into_iter().zip(effects) {
+        let fs = &mut per_adapter[report].0;
+        fs.splice(at.min(fs.len())..at.min(fs.len()), found);
+    }
+    mark("effect check joined");
     drop(base);
     mark("base model freed");
     progress.finish();

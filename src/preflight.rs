@@ -29,7 +29,7 @@ pub fn check(opts: &Options) -> Result<Vec<Finding>> {
             let a = Adapter::open(dir)?;
             let m = match_to_base(&a, &cfg)?;
             out.extend(tag(dir, checks::adapter::check_files(&a, &m, &cfg)?));
-            let (_, eff) = checks::adapter::check_effect(&checks::adapter::weight_from_files(&weights, &cfg), &m)?;
+            let (_, eff) = checks::adapter::check_effect(&checks::adapter::weight_rows_from_files(&weights, &cfg), &m)?;
             out.extend(tag(dir, eff));
             if let Some(ts) = checks::train::find_trainer_state(dir) {
                 out.extend(checks::train::check_trainer_state(&ts)?);

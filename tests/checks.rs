@@ -218,3 +218,32 @@ fn inspect_data_shows_trained_tokens_and_lengths() {
     let s = String::from_utf8_lossy(&out.stdout);
     assert!(s.contains("⟦↵The cinder maple service number 0 is owned by the compiler team.<|user|>⟧"), "{s}");
 }
+
+#[test]
+fn effect_check_reads_the_rows_of_the_fused_weights_from_the_files() {
+    use glm4_verify::checks::adapter::weight_rows_from_files;
+    use glm4_verify::model::{self, weights::Weights, Target};
+    for dir in ["base", "base-0414", "base-chatglm"] {
+        let path = fixtures().join(dir);
+        let m = model::load_dir(&path, candle_core::DType::F32, &Device::Cpu).unwrap();
+        let w = Weights::open_dir(&path).unwrap();
+        let rows = weight_rows_from_files(&w, &m.cfg);
+        for t in [Target::Qkv, Target::O, Target::GateUp, Target::Down] {
+            let full = m.target_weight(1, t).unwrap();
+            let (n, cols) = full.dims2().unwrap();
+            // First and last rows, and (for q/k/v stored apart) the first rows of k and v.
+            let (q, kv) = (m.cfg.q_out(), m.cfg.kv_out());
+            let mut at = vec![0, n / 2, n - 1];
+            if t == Target::Qkv {
+                at.extend([q - 1, q, q + kv - 1, q + kv]);
+            }
+            let got = rows(1, t, &at).unwrap();
+            assert_eq!(got.len(), at.len() * cols, "{dir} {t:?}");
+            for (k, &r) in at.iter().enumerate() {
+                let want: Vec<f32> = full.get(r).unwrap().to_vec1().unwrap();
+                assert_eq!(&got[k * cols..(k + 1) * cols], want.as_slice(), "{dir} {t:?} row {r}");
+            }
+            assert!(rows(1, t, &[n]).is_err(), "{dir} {t:?}: a row past the end is an error");
+        }
+    }
+}

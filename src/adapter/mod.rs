@@ -316,6 +316,7 @@ pub fn split_lora_key(key: &str) -> Option<(String, char, String)> {
 }
 
 /// How an adapter's pairs map onto a base.
+#[derive(Debug, Clone)]
 pub struct Matched {
     /// (layer, target, delta) ready for `Glm::merge` / `Glm::attach`.
     pub deltas: Vec<(usize, Target, LoraDelta)>,

@@ -8,7 +8,8 @@ use serde_json::json;
 use crate::adapter::{base_modules, Adapter, Matched};
 use crate::finding::Finding;
 use crate::model::config::{Layout, ModelConfig};
-use crate::model::glm::{Glm, Target};
+use crate::model::glm::Target;
+use crate::model::lora::LoraDelta;
 use crate::model::weights::Weights;
 
 /// Per matched module: ‖s·B·A‖ / ‖W‖ and the share of ΔW elements that survive a bf16 merge.
@@ -194,49 +195,33 @@ fn unmatched_reason(unmatched: &[String], base: &ModelConfig, non_default: &[&St
     format!("names like {} are not modules of this base (its modules look like {example})", unmatched[0])
 }
 
+/// Reads rows of a base linear's (fused) weight for `check_effect`: (layer, target, row indices)
+/// → those rows, f32, row after row.
+pub type WeightRows<'a> = dyn Fn(usize, Target, &[usize]) -> Result<Vec<f32>> + Sync + 'a;
+
 /// Effect size per module and bf16 merge survival; `adapter_merge_vanishes` when a bf16 merge
-/// would leave (almost) the base.
-/// `weight(layer, target)` gives the base's (fused) weight of a linear.
-pub fn check_effect(
-    weight: &dyn Fn(usize, Target) -> Result<Tensor>,
-    matched: &Matched,
-) -> Result<(Vec<ModuleEffect>, Vec<Finding>)> {
-    // Modules of one shape (sampled rows, in, rank) are computed together, a chunk at a time,
-    // and everything is read back once: per module, the ~30 small operations below and their
-    // waits for the device cost ~0.3 s on a 9B model's 280 modules.
-    let mut groups: std::collections::BTreeMap<(usize, usize, usize), Vec<usize>> = Default::default();
-    for (i, (_, _, d)) in matched.deltas.iter().enumerate() {
-        let (r, inp) = d.a.dims2()?;
-        groups.entry((d.b.dims()[0].min(EFFECT_ROWS), inp, r)).or_default().push(i);
-    }
-    let mut parts = Vec::new(); // [5, modules of a chunk] each
-    let mut order = Vec::new(); // module index of each column
-    let mut picks = std::collections::HashMap::new(); // sampled row indices per (weight rows, rows) on the device
-    for ((rows, inp, _), members) in groups {
-        let Some(&(layer, target, _)) = members.first().map(|&i| &matched.deltas[i]) else { continue };
-        let dev = weight(layer, target)?.device().clone();
-        // One upload of the group's factors: a copy from pageable host memory waits for everything
-        // queued on the device before it, so per-module copies would serialise host and device.
-        let (a, b, scale) = group_factors(matched, &members, rows, &dev)?;
-        let per = (EFFECT_CHUNK_BYTES / (rows * inp * 4).max(1)).max(1);
-        for (c, chunk) in members.chunks(per).enumerate() {
-            let (at, n) = (c * per, chunk.len());
-            let factors = (a.narrow(0, at, n)?, b.narrow(0, at, n)?, scale.narrow(0, at, n)?);
-            parts.push(effect_stats(weight, matched, chunk, rows, &mut picks, factors)?);
-            order.extend_from_slice(chunk);
+/// would leave (almost) the base. Works on the host, on `EFFECT_ROWS` sampled rows of each
+/// module's weight read from the checkpoint files, so it needs neither the model nor the device:
+/// a run does it on another thread while the device scores.
+pub fn check_effect(weight_rows: &WeightRows, matched: &Matched) -> Result<(Vec<ModuleEffect>, Vec<Finding>)> {
+    let n = matched.deltas.len();
+    let threads = std::thread::available_parallelism().map_or(1, |p| p.get()).clamp(1, 8);
+    let per = n.div_ceil(threads).max(1);
+    let stats: Vec<[f64; 5]> = std::thread::scope(|sc| -> Result<Vec<[f64; 5]>> {
+        let jobs: Vec<_> = (0..n)
+            .step_by(per)
+            .map(|start| {
+                sc.spawn(move || -> Result<Vec<[f64; 5]>> {
+                    (start..(start + per).min(n)).map(|i| module_stats(weight_rows, &matched.deltas[i])).collect()
+                })
+            })
+            .collect();
+        let mut all = Vec::with_capacity(n);
+        for j in jobs {
+            all.extend(j.join().map_err(|_| anyhow::anyhow!("the adapter effect check panicked"))??);
         }
-    }
-    crate::model::profile::mark("effect check: queued");
-    let mut stats = vec![[0f64; 5]; matched.deltas.len()];
-    if !parts.is_empty() {
-        let all = Tensor::cat(&parts, 1)?.to_vec2::<f64>()?;
-        crate::model::profile::mark("effect check: read back");
-        for (col, &m) in order.iter().enumerate() {
-            for (k, row) in all.iter().enumerate() {
-                stats[m][k] = row[col];
-            }
-        }
-    }
+        Ok(all)
+    })?;
     let mut effects = Vec::new();
     let (mut changed, mut total, mut err_sq, mut delta_sq) = (0f64, 0f64, 0f64, 0f64);
     for (stats, name) in stats.iter().zip(&matched.matched_modules) {
@@ -291,96 +276,53 @@ pub fn check_effect(
 }
 
 /// Rows of a module's weight that `check_effect` looks at (all of them below this): on a 9B model
-/// the full ΔW of every module is ~9 G elements, seconds of work for a ratio a sample estimates well.
-const EFFECT_ROWS: usize = 512;
-/// Size of one f32 intermediate of the modules computed together (a few are live at once).
-const EFFECT_CHUNK_BYTES: usize = 256 << 20;
+/// the full ΔW of every module is ~9 G elements, seconds of work for ratios a sample estimates well
+/// (128 rows of 4096 values: half a million elements per module).
+const EFFECT_ROWS: usize = 128;
 
 /// `rows` evenly spaced of `len` (all of them when len <= rows).
-fn sample_rows(len: usize, rows: usize) -> Vec<u32> {
-    (0..rows.min(len)).map(|k| (k * len / rows.min(len)) as u32).collect()
+fn sample_rows(len: usize, rows: usize) -> Vec<usize> {
+    let n = rows.min(len);
+    (0..n).map(|k| k * len / n).collect()
 }
 
-/// The modules' s [G, 1, 1], A [G, r, in] and sampled rows of B [G, rows, r] (f32), on `dev`.
-fn group_factors(
-    matched: &Matched,
-    idx: &[usize],
-    rows: usize,
-    dev: &candle_core::Device,
-) -> Result<(Tensor, Tensor, Tensor)> {
-    let (mut as_, mut bs, mut scales) = (Vec::new(), Vec::new(), Vec::new());
-    for &i in idx {
-        let d = &matched.deltas[i].2;
-        let b = d.b.to_dtype(DType::F32)?;
-        let len = b.dim(0)?;
-        let at = sample_rows(len, rows);
-        bs.push(if len == rows { b } else { b.index_select(&Tensor::from_vec(at, rows, b.device())?, 0)? });
-        as_.push(d.a.to_dtype(DType::F32)?);
-        scales.push(d.scale as f32);
+/// ‖W‖², ‖ΔW‖², kept and touched element counts and ‖kept − ΔW‖² of one module, on `EFFECT_ROWS`
+/// evenly spaced rows of its weight. ΔW = s·B·A in f32, as PEFT's get_delta_weight; what a bf16
+/// merge keeps is bf16(W + ΔW) − bf16(W): elements whose delta is under half a bf16 step of the
+/// weight vanish, the rest are rounded to whole steps.
+fn module_stats(weight_rows: &WeightRows, (layer, target, d): &(usize, Target, LoraDelta)) -> Result<[f64; 5]> {
+    let (r, inp) = d.a.dims2()?;
+    let a = d.a.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?; // [r, in]
+    let b = d.b.to_dtype(DType::F32)?.to_vec2::<f32>()?; // [len, r]
+    let rows = sample_rows(b.len(), EFFECT_ROWS);
+    let at: Vec<usize> = rows.iter().map(|&k| d.out_start + k).collect();
+    let w = weight_rows(*layer, *target, &at)?;
+    if w.len() != rows.len() * inp {
+        anyhow::bail!("layer {layer} {target:?}: {} weight values for {} rows of {inp}", w.len(), rows.len());
     }
-    let g = idx.len();
-    Ok((
-        Tensor::stack(&as_, 0)?.to_device(dev)?,
-        Tensor::stack(&bs, 0)?.to_device(dev)?,
-        Tensor::from_vec(scales, (g, 1, 1), dev)?,
-    ))
-}
-
-/// ‖W‖², ‖ΔW‖², kept and touched element counts and ‖kept − ΔW‖² → [5, modules] f64, for modules
-/// `idx` of one shape, on `rows` evenly spaced rows each, on the base weights' device (copying
-/// them to the host would cost a full model read). `factors`: their s, A and B (`group_factors`).
-fn effect_stats(
-    weight: &dyn Fn(usize, Target) -> Result<Tensor>,
-    matched: &Matched,
-    idx: &[usize],
-    rows: usize,
-    picks: &mut std::collections::HashMap<(usize, usize), Tensor>,
-    (a, b, scale): (Tensor, Tensor, Tensor),
-) -> Result<Tensor> {
-    let mut ws = Vec::new();
-    for &i in idx {
-        let (layer, target, d) = &matched.deltas[i];
-        let len = d.b.dims()[0];
-        let w = weight(*layer, *target)?.narrow(0, d.out_start, len)?;
-        let w = if len == rows {
-            w
-        } else {
-            let at = match picks.get(&(len, rows)) {
-                Some(t) => t.clone(),
-                None => {
-                    let t = Tensor::from_vec(sample_rows(len, rows), rows, w.device())?;
-                    picks.insert((len, rows), t.clone());
-                    t
-                }
-            };
-            crate::model::gather_rows(&w, &at)?
-        };
-        ws.push(w.to_dtype(DType::F32)?);
+    let s = d.scale as f32;
+    let bf16 = |x: f32| half::bf16::from_f32(x).to_f32();
+    let mut st = [0f64; 5];
+    let mut dw = vec![0f32; inp];
+    for (&k, wr) in rows.iter().zip(w.chunks_exact(inp)) {
+        let br = b.get(k).filter(|br| br.len() == r).ok_or_else(|| anyhow::anyhow!("lora_B row {k} of {r} values"))?;
+        dw.fill(0.0);
+        for (bk, ak) in br.iter().zip(a.chunks_exact(inp)) {
+            for (x, &y) in dw.iter_mut().zip(ak) {
+                *x += bk * y;
+            }
+        }
+        for (&x, &wv) in dw.iter().zip(wr) {
+            let dv = x * s;
+            let kept = bf16(wv + dv) - bf16(wv);
+            st[0] += (wv * wv) as f64;
+            st[1] += (dv * dv) as f64;
+            st[2] += (kept != 0.0) as u8 as f64;
+            st[3] += (dv != 0.0) as u8 as f64;
+            st[4] += ((kept - dv) * (kept - dv)) as f64;
+        }
     }
-    let w = Tensor::stack(&ws, 0)?; // [G, rows, in]
-                                    // s·B·A in f32, as PEFT's get_delta_weight.
-    let dw = b.matmul(&a)?.broadcast_mul(&scale)?;
-    // What a bf16 merge keeps: bf16(W + ΔW) − bf16(W) against ΔW. Elements whose delta is under
-    // half a bf16 step of the weight vanish; the rest are rounded to whole steps.
-    let wb = w.to_dtype(DType::BF16)?.to_dtype(DType::F32)?;
-    let kept = ((&w + &dw)?.to_dtype(DType::BF16)?.to_dtype(DType::F32)? - wb)?;
-    let sums = |t: Tensor| -> Result<Tensor> { Ok(row_sums(&t)?.to_dtype(DType::F64)?.sum(1)?) }; // [G]
-    Ok(Tensor::stack(
-        &[
-            sums(w.sqr()?)?,
-            sums(dw.sqr()?)?,
-            sums(kept.ne(0f32)?.to_dtype(DType::F32)?)?,
-            sums(dw.ne(0f32)?.to_dtype(DType::F32)?)?,
-            sums((&kept - &dw)?.sqr()?)?,
-        ],
-        0,
-    )?)
-}
-
-/// Per-row sums of a [rows, in] tensor, kept on its device (candle's CUDA sum over a whole tensor
-/// runs in one thread block, which takes seconds on a 9B model's weights).
-fn row_sums(t: &Tensor) -> Result<Tensor> {
-    Ok(t.sum(candle_core::D::Minus1)?)
+    Ok(st)
 }
 
 /// (every value finite, every value zero) of an adapter tensor, in one pass over its values.
@@ -401,40 +343,41 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-/// The base weight of a linear for `check_effect`, from the model in memory.
-pub fn weight_from_model(model: &Glm) -> impl Fn(usize, Target) -> Result<Tensor> + '_ {
-    move |layer, t| model.target_weight(layer, t)
-}
-
-/// The base weight of a linear for `check_effect`, read from the checkpoint files one tensor at a
-/// time (no full model load: a fast pre-flight).
-pub fn weight_from_files<'a>(w: &'a Weights, cfg: &'a ModelConfig) -> impl Fn(usize, Target) -> Result<Tensor> + 'a {
-    move |layer, t| {
-        let dev = candle_core::Device::Cpu;
-        let ld = |n: String| w.load(&n, DType::F32, &dev);
-        Ok(match (cfg.layout, t) {
-            (Layout::Chatglm, Target::Qkv) => {
-                ld(format!("transformer.encoder.layers.{layer}.self_attention.query_key_value.weight"))?
+/// Rows of a base linear's (fused) weight for `check_effect`, read from the checkpoint files
+/// (only those rows: no model load, a pre-flight or a thread beside the run).
+pub fn weight_rows_from_files<'a>(
+    w: &'a Weights,
+    cfg: &'a ModelConfig,
+) -> impl Fn(usize, Target, &[usize]) -> Result<Vec<f32>> + Sync + 'a {
+    move |layer, t, rows| {
+        let name = |x: &str| match cfg.layout {
+            Layout::Chatglm => format!("transformer.encoder.layers.{layer}.{x}.weight"),
+            _ => format!("model.layers.{layer}.{x}.weight"),
+        };
+        match (cfg.layout, t) {
+            (Layout::Chatglm, Target::Qkv) => w.rows_f32(&name("self_attention.query_key_value"), rows),
+            (Layout::Chatglm, Target::O) => w.rows_f32(&name("self_attention.dense"), rows),
+            (Layout::Chatglm, Target::GateUp) => w.rows_f32(&name("mlp.dense_h_to_4h"), rows),
+            (Layout::Chatglm, Target::Down) => w.rows_f32(&name("mlp.dense_4h_to_h"), rows),
+            (_, Target::Qkv) => {
+                // q, k and v are stored apart: row i of the fused weight is in one of them.
+                let (q, kv) = (cfg.q_out(), cfg.kv_out());
+                let mut out = Vec::new();
+                for &i in rows {
+                    let (part, row) = if i < q {
+                        ("q", i)
+                    } else if i < q + kv {
+                        ("k", i - q)
+                    } else {
+                        ("v", i - q - kv)
+                    };
+                    out.extend(w.rows_f32(&name(&format!("self_attn.{part}_proj")), &[row])?);
+                }
+                Ok(out)
             }
-            (Layout::Chatglm, Target::O) => {
-                ld(format!("transformer.encoder.layers.{layer}.self_attention.dense.weight"))?
-            }
-            (Layout::Chatglm, Target::GateUp) => {
-                ld(format!("transformer.encoder.layers.{layer}.mlp.dense_h_to_4h.weight"))?
-            }
-            (Layout::Chatglm, Target::Down) => {
-                ld(format!("transformer.encoder.layers.{layer}.mlp.dense_4h_to_h.weight"))?
-            }
-            (_, Target::Qkv) => Tensor::cat(
-                &["q", "k", "v"]
-                    .map(|x| ld(format!("model.layers.{layer}.self_attn.{x}_proj.weight")))
-                    .into_iter()
-                    .collect::<Result<Vec<_>>>()?,
-                0,
-            )?,
-            (_, Target::O) => ld(format!("model.layers.{layer}.self_attn.o_proj.weight"))?,
-            (_, Target::GateUp) => ld(format!("model.layers.{layer}.mlp.gate_up_proj.weight"))?,
-            (_, Target::Down) => ld(format!("model.layers.{layer}.mlp.down_proj.weight"))?,
-        })
+            (_, Target::O) => w.rows_f32(&name("self_attn.o_proj"), rows),
+            (_, Target::GateUp) => w.rows_f32(&name("mlp.gate_up_proj"), rows),
+            (_, Target::Down) => w.rows_f32(&name("mlp.down_proj"), rows),
+        }
     }
 }

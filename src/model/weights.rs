@@ -278,6 +278,36 @@ impl Weights {
         Ok(t.to_dtype(dtype)?)
     }
 
+    /// Rows `rows` of a 2-D tensor, as f32 values one row after the other, read from the files
+    /// without loading the rest of it.
+    pub fn rows_f32(&self, name: &str, rows: &[usize]) -> Result<Vec<f32>> {
+        let e = self.entries.get(name).ok_or_else(|| {
+            anyhow!(
+                "tensor {name} is missing from {}; the checkpoint is incomplete or of another layout",
+                self.describe_files()
+            )
+        })?;
+        let &[n, cols] = e.shape.as_slice() else {
+            bail!("tensor {name} in {} has shape {:?}, expected a matrix", self.describe_files(), e.shape);
+        };
+        let row_bytes = cols * e.dtype.size_in_bytes();
+        let bytes = &self.maps[e.file][e.start..e.end];
+        let mut buf = Vec::with_capacity(rows.len() * row_bytes);
+        for &r in rows {
+            let part = (r < n).then(|| bytes.get(r * row_bytes..(r + 1) * row_bytes)).flatten().ok_or_else(|| {
+                anyhow!(
+                    "tensor {name} ({:?} {:?}) has no row {r} in {}",
+                    e.dtype,
+                    e.shape,
+                    self.files[e.file].display()
+                )
+            })?;
+            buf.extend_from_slice(part);
+        }
+        let t = Tensor::from_raw_buffer(&buf, e.dtype, &[rows.len(), cols], &Device::Cpu)?;
+        Ok(t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?)
+    }
+
     /// Loads a tensor and checks its shape.
     pub fn load_shaped(&self, name: &str, shape: &[usize], dtype: DType, device: &Device) -> Result<Tensor> {
         match self.shape(name) {
