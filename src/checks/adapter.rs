@@ -275,10 +275,11 @@ pub fn check_effect(weight_rows: &WeightRows, matched: &Matched) -> Result<(Vec<
     Ok((effects, out))
 }
 
-/// Rows of a module's weight that `check_effect` looks at (all of them below this): on a 9B model
-/// the full ΔW of every module is ~9 G elements, seconds of work for ratios a sample estimates well
-/// (128 rows of 4096 values: half a million elements per module).
+/// Rows of a module's weight that `check_effect` looks at: at least this many, and enough for
+/// `EFFECT_ELEMS` values (all rows of smaller modules). On a 9B model the full ΔW of every module
+/// is ~9 G elements, seconds of work for ratios a sample estimates well (128 rows of 4096 values).
 const EFFECT_ROWS: usize = 128;
+const EFFECT_ELEMS: usize = 1 << 19;
 
 /// `rows` evenly spaced of `len` (all of them when len <= rows).
 fn sample_rows(len: usize, rows: usize) -> Vec<usize> {
@@ -286,15 +287,15 @@ fn sample_rows(len: usize, rows: usize) -> Vec<usize> {
     (0..n).map(|k| k * len / n).collect()
 }
 
-/// ‖W‖², ‖ΔW‖², kept and touched element counts and ‖kept − ΔW‖² of one module, on `EFFECT_ROWS`
-/// evenly spaced rows of its weight. ΔW = s·B·A in f32, as PEFT's get_delta_weight; what a bf16
+/// ‖W‖², ‖ΔW‖², kept and touched element counts and ‖kept − ΔW‖² of one module, on evenly spaced
+/// rows of its weight (see `EFFECT_ROWS`). ΔW = s·B·A in f32, as PEFT's get_delta_weight; what a bf16
 /// merge keeps is bf16(W + ΔW) − bf16(W): elements whose delta is under half a bf16 step of the
 /// weight vanish, the rest are rounded to whole steps.
 fn module_stats(weight_rows: &WeightRows, (layer, target, d): &(usize, Target, LoraDelta)) -> Result<[f64; 5]> {
     let (r, inp) = d.a.dims2()?;
     let a = d.a.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?; // [r, in]
     let b = d.b.to_dtype(DType::F32)?.to_vec2::<f32>()?; // [len, r]
-    let rows = sample_rows(b.len(), EFFECT_ROWS);
+    let rows = sample_rows(b.len(), (EFFECT_ELEMS / inp.max(1)).max(EFFECT_ROWS));
     let at: Vec<usize> = rows.iter().map(|&k| d.out_start + k).collect();
     let w = weight_rows(*layer, *target, &at)?;
     if w.len() != rows.len() * inp {
