@@ -402,13 +402,6 @@ impl Glm {
         Ok(x)
     }
 
-    /// Log-softmax over the vocabulary at chosen positions: hidden [B, T, H], `at` = flat indices
-    /// b*T + t → [N, V] f32. The output projection runs only on those rows.
-    pub fn log_probs_at(&self, hidden: &Tensor, at: &[u32]) -> Result<Tensor> {
-        let logits = self.logits_at(hidden, at)?;
-        profile::section("log_softmax", &self.device, || Ok(candle_nn::ops::log_softmax(&logits, D::Minus1)?))
-    }
-
     /// Logits (f32) at chosen flat positions of hidden [B, T, H] → [N, V].
     pub fn logits_at(&self, hidden: &Tensor, at: &[u32]) -> Result<Tensor> {
         self.logits_at_t(hidden, &Tensor::from_slice(at, at.len(), &self.device)?)
@@ -427,21 +420,11 @@ impl Glm {
         Ok(rows.matmul(&self.lm_head.t()?)?)
     }
 
-    /// log p(targets[i]) at flat positions `at[i]` of hidden [B, T, H] → [N] f32: log-softmax
-    /// (in f32) of the logits there, read at the target.
-    pub fn target_log_probs(&self, hidden: &Tensor, at: &[u32], targets: &[u32]) -> Result<Tensor> {
-        let dev = &self.device;
-        self.target_log_probs_t(
-            hidden,
-            &Tensor::from_slice(at, at.len(), dev)?,
-            &Tensor::from_slice(targets, targets.len(), dev)?,
-        )
-    }
-
-    /// As `target_log_probs`, positions and targets already on the device ([N] u32 each): a copy
-    /// from the host waits for everything queued before it, so callers upload them before the
-    /// forward pass and the pass runs to its read-back without a gap.
-    pub fn target_log_probs_t(&self, hidden: &Tensor, at: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    /// log p(targets[i]) at flat positions `at[i]` of hidden [B, T, H] → [N] f32: log-softmax (in
+    /// f32) of the logits there, read at the target. Positions and targets are on the device ([N]
+    /// u32 each): a copy from the host waits for everything queued before it, so callers upload
+    /// them before the forward pass and the pass runs to its read-back without a gap.
+    pub fn target_log_probs(&self, hidden: &Tensor, at: &Tensor, targets: &Tensor) -> Result<Tensor> {
         #[cfg(feature = "cuda")]
         if self.fused() {
             // The logits in the model dtype (their f32 cast is exact) read once by one kernel.

@@ -283,7 +283,7 @@ fn score_batch(
     let mut lps = Vec::new();
     for start in (0..n_at).step_by(chunk) {
         let n = chunk.min(n_at - start);
-        lps.push(model.target_log_probs_t(&hidden, &at_t.narrow(0, start, n)?, &tgt_t.narrow(0, start, n)?)?);
+        lps.push(model.target_log_probs(&hidden, &at_t.narrow(0, start, n)?, &tgt_t.narrow(0, start, n)?)?);
     }
     let first = match keep {
         true => Some(model.logits_at_t(&hidden, &last_t)?.argmax(1)?),
