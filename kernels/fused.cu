@@ -350,6 +350,40 @@ __device__ __forceinline__ void load_tile(T *tile, const T *head, int j0, int s)
   cp_async_commit();
 }
 
+// This thread's part of 16 query rows (its rows g and g + 8: head hd[r], query qi[r], zeros where not
+// valid) as the A fragments of q·kᵀ, row-major 16×16 per k step.
+template <typename T, int D>
+__device__ __forceinline__ void load_q(uint32_t (&qa)[D / 16][4], const T *q, int b, int nh, int t, const int *hd,
+                                       const int *qi, const bool *valid, int tq) {
+#pragma unroll
+  for (int kk = 0; kk < D / 16; kk++)
+#pragma unroll
+    for (int r = 0; r < 4; r++) {
+      int c = kk * 16 + tq * 2 + (r >> 1) * 8;
+      const T *qr = q + (((long long)b * nh + hd[r & 1]) * t + qi[r & 1]) * D + c;
+      qa[kk][r] = valid[r & 1] ? *reinterpret_cast<const uint32_t *>(qr) : 0u;
+    }
+}
+
+// sc = scores of those 16 rows against the 8 keys of one n tile in shared memory (kr: this lane's
+// ldmatrix address), one 16×8 accumulator.
+template <typename T, int KS>
+__device__ __forceinline__ void qk_ntile(float *sc, const uint32_t (&qa)[KS][4], const T *kr) {
+  if constexpr (KS == 1) {
+    uint32_t kb[2];
+    ldsm_x2(kb, kr);
+    Mma<T>::run(sc, qa[0], kb[0], kb[1]);
+  } else {
+#pragma unroll
+    for (int kk = 0; kk < KS; kk += 2) {
+      uint32_t kb[4];  // b0, b1 of k steps kk and kk + 1
+      ldsm_x4(kb, kr + kk * 16);
+      Mma<T>::run(sc, qa[kk], kb[0], kb[1]);
+      Mma<T>::run(sc, qa[kk + 1], kb[2], kb[3]);
+    }
+  }
+}
+
 template <typename T, int D>
 __device__ void flash_attn(const T *q, const T *k, const T *v, const unsigned int *pad, T *out, int nh, int kvh,
                            int t, int s, long long kv_hs, int ld, float scale, int pk) {
@@ -385,14 +419,7 @@ __device__ void flash_attn(const T *q, const T *k, const T *v, const unsigned in
   };
   // This thread's part of the warp's 16 query rows, as A fragments (row-major 16×16 per k step).
   uint32_t qa[KS][4];
-#pragma unroll
-  for (int kk = 0; kk < KS; kk++)
-#pragma unroll
-    for (int r = 0; r < 4; r++) {
-      int c = kk * 16 + tq * 2 + (r >> 1) * 8;
-      const T *qr = q + (((long long)b * nh + hd[r & 1]) * t + qi[r & 1]) * D + c;
-      qa[kk][r] = valid[r & 1] ? *reinterpret_cast<const uint32_t *>(qr) : 0u;
-    }
+  load_q<T, D>(qa, q, b, nh, t, hd, qi, valid, tq);
   float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
   float o[ND][4];
 #pragma unroll
@@ -416,20 +443,7 @@ __device__ void flash_attn(const T *q, const T *k, const T *v, const unsigned in
 #pragma unroll
       for (int n = 0; n < NT; n++) {
         sc[n][0] = sc[n][1] = sc[n][2] = sc[n][3] = 0.0f;
-        const T *kr = ks + (n * 8 + (lane & 7)) * SP + (lane >> 3) * 8;
-        if constexpr (KS == 1) {
-          uint32_t kb[2];
-          ldsm_x2(kb, kr);
-          Mma<T>::run(sc[n], qa[0], kb[0], kb[1]);
-        } else {
-#pragma unroll
-          for (int kk = 0; kk < KS; kk += 2) {
-            uint32_t kb[4];  // b0, b1 of k steps kk and kk + 1
-            ldsm_x4(kb, kr + kk * 16);
-            Mma<T>::run(sc[n], qa[kk], kb[0], kb[1]);
-            Mma<T>::run(sc[n], qa[kk + 1], kb[2], kb[3]);
-          }
-        }
+        qk_ntile<T, KS>(sc[n], qa, ks + (n * 8 + (lane & 7)) * SP + (lane >> 3) * 8);
       }
       // Mask (no mask where every row of the warp sees every key of the tile); the tile's row maxima.
       const bool full = j0 >= lo && j0 + BC <= s && j0 + BC - 1 <= offset + warp_first;
@@ -550,14 +564,7 @@ __device__ void flash_decode(const T *q, const T *k, const T *v, const unsigned 
     qi[r] = valid[r] ? R % t : 0;
   }
   uint32_t qa[KS][4];
-#pragma unroll
-  for (int kk = 0; kk < KS; kk++)
-#pragma unroll
-    for (int r = 0; r < 4; r++) {
-      int c = kk * 16 + tq * 2 + (r >> 1) * 8;
-      const T *qr = q + (((long long)b * nh + hd[r & 1]) * t + qi[r & 1]) * D + c;
-      qa[kk][r] = valid[r & 1] ? *reinterpret_cast<const uint32_t *>(qr) : 0u;
-    }
+  load_q<T, D>(qa, q, b, nh, t, hd, qi, valid, tq);
   float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};
   float o[ND][4];
 #pragma unroll
@@ -576,20 +583,7 @@ __device__ void flash_decode(const T *q, const T *k, const T *v, const unsigned 
     for (int h = 0; h < 2; h++) {
       const int n = 2 * warp + h;
       sc[h][0] = sc[h][1] = sc[h][2] = sc[h][3] = 0.0f;
-      const T *kr = ks + (n * 8 + (lane & 7)) * SP + (lane >> 3) * 8;
-      if constexpr (KS == 1) {
-        uint32_t kb[2];
-        ldsm_x2(kb, kr);
-        Mma<T>::run(sc[h], qa[0], kb[0], kb[1]);
-      } else {
-#pragma unroll
-        for (int kk = 0; kk < KS; kk += 2) {
-          uint32_t kb[4];
-          ldsm_x4(kb, kr + kk * 16);
-          Mma<T>::run(sc[h], qa[kk], kb[0], kb[1]);
-          Mma<T>::run(sc[h], qa[kk + 1], kb[2], kb[3]);
-        }
-      }
+      qk_ntile<T, KS>(sc[h], qa, ks + (n * 8 + (lane & 7)) * SP + (lane >> 3) * 8);
     }
     const int jw = j0 + warp * 16;
     const bool full = jw >= lo && jw + 16 <= s && jw + 15 <= offset;  // every row sees all 16 keys
