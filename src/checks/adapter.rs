@@ -361,18 +361,23 @@ pub fn weight_rows_from_files<'a>(
             (Layout::Chatglm, Target::GateUp) => w.rows_f32(&name("mlp.dense_h_to_4h"), rows),
             (Layout::Chatglm, Target::Down) => w.rows_f32(&name("mlp.dense_4h_to_h"), rows),
             (_, Target::Qkv) => {
-                // q, k and v are stored apart: row i of the fused weight is in one of them.
+                // q, k and v are stored apart: row i of the fused weight is in one of them (one
+                // read per run of rows in the same part).
                 let (q, kv) = (cfg.q_out(), cfg.kv_out());
-                let mut out = Vec::new();
-                for &i in rows {
-                    let (part, row) = if i < q {
-                        ("q", i)
+                let part = |i: usize| {
+                    if i < q {
+                        ("q", 0)
                     } else if i < q + kv {
-                        ("k", i - q)
+                        ("k", q)
                     } else {
-                        ("v", i - q - kv)
-                    };
-                    out.extend(w.rows_f32(&name(&format!("self_attn.{part}_proj")), &[row])?);
+                        ("v", q + kv)
+                    }
+                };
+                let mut out = Vec::new();
+                for run in rows.chunk_by(|&a, &b| part(a).0 == part(b).0) {
+                    let (p, start) = part(run[0]);
+                    let local: Vec<usize> = run.iter().map(|&i| i - start).collect();
+                    out.extend(w.rows_f32(&name(&format!("self_attn.{p}_proj")), &local)?);
                 }
                 Ok(out)
             }

@@ -27,7 +27,6 @@ pub fn loads() -> usize {
     LOADS.load(std::sync::atomic::Ordering::Relaxed)
 }
 
-/// Loads a model directory (config.json + safetensors) in `dtype` on `device`.
 /// Rows `idx` ([N] u32) of `src` [R, C] → [N, C]: on CUDA without the host copy (and the wait for
 /// the device's queue) that candle's index_select makes at every call.
 pub fn gather_rows(src: &candle_core::Tensor, idx: &candle_core::Tensor) -> Result<candle_core::Tensor> {
@@ -38,6 +37,7 @@ pub fn gather_rows(src: &candle_core::Tensor, idx: &candle_core::Tensor) -> Resu
     Ok(src.index_select(idx, 0)?)
 }
 
+/// Loads a model directory (config.json + safetensors) in `dtype` on `device`.
 pub fn load_dir(dir: &Path, dtype: DType, device: &Device) -> Result<Glm> {
     load_from(dir, &weights::Weights::open_dir(dir)?, dtype, device)
 }

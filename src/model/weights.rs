@@ -248,14 +248,18 @@ impl Weights {
         &self.files
     }
 
-    /// Loads a tensor onto `device` converted to `dtype`.
-    pub fn load(&self, name: &str, dtype: DType, device: &Device) -> Result<Tensor> {
-        let e = self.entries.get(name).ok_or_else(|| {
+    fn entry(&self, name: &str) -> Result<&Entry> {
+        self.entries.get(name).ok_or_else(|| {
             anyhow!(
                 "tensor {name} is missing from {}; the checkpoint is incomplete or of another layout",
                 self.describe_files()
             )
-        })?;
+        })
+    }
+
+    /// Loads a tensor onto `device` converted to `dtype`.
+    pub fn load(&self, name: &str, dtype: DType, device: &Device) -> Result<Tensor> {
+        let e = self.entry(name)?;
         let bytes = &self.maps[e.file][e.start..e.end];
         #[cfg(feature = "cuda")]
         if let Device::Cuda(d) = device {
@@ -281,12 +285,7 @@ impl Weights {
     /// Rows `rows` of a 2-D tensor, as f32 values one row after the other, read from the files
     /// without loading the rest of it.
     pub fn rows_f32(&self, name: &str, rows: &[usize]) -> Result<Vec<f32>> {
-        let e = self.entries.get(name).ok_or_else(|| {
-            anyhow!(
-                "tensor {name} is missing from {}; the checkpoint is incomplete or of another layout",
-                self.describe_files()
-            )
-        })?;
+        let e = self.entry(name)?;
         let &[n, cols] = e.shape.as_slice() else {
             bail!("tensor {name} in {} has shape {:?}, expected a matrix", self.describe_files(), e.shape);
         };
