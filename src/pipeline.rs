@@ -449,6 +449,11 @@ pub fn verify(opts: &Options) -> Result<Vec<Report>> {
             read_data(&opts, &base_dir, first_lora.as_deref(), vocab, context, config.as_deref())
         })
     };
+    // The adapters too: their files and the base's config are all they need.
+    let adapters_job = {
+        let (inputs, cfg) = (inputs.clone(), base_cfg.clone());
+        std::thread::spawn(move || read_adapters(&inputs, &cfg))
+    };
     let dev = device::select(&opts.device)?;
     mark("device ready");
     let dinfo = device::info(&dev);
@@ -491,62 +496,15 @@ pub fn verify(opts: &Options) -> Result<Vec<Report>> {
     let progress = Progress::new(opts.progress);
     progress.stage(format!("loading {}", base_dir.display()));
     let t_load = Instant::now();
-    let mut base = section("weights", &dev, || model::load_from(&base_dir, &base_weights, dtype, &dev))?;
-    mark("weights loaded");
-    // LoRA adapters ride the side path of the one base; merged models are separate models.
-    let mut lora_slots: Vec<Option<usize>> = Vec::new();
-    let mut per_adapter: Vec<(Vec<Finding>, AdapterInfo)> = Vec::new();
-    let mut attach = Vec::new();
-    let mut effect_jobs = Vec::new(); // (report, position among its findings, matched pairs)
-    for input in &inputs {
-        match input {
-            AdapterInput::Lora { dir, note } => {
-                let a = Adapter::open(dir)?;
-                let m = match_to_base(&a, &base.cfg)?;
-                let mut fs =
-                    section("adapter checks: files", &dev, || checks::adapter::check_files(&a, &m, &base.cfg))?;
-                // The effect check comes later, from another thread; its findings go here.
-                effect_jobs.push((per_adapter.len(), fs.len(), m.clone()));
-                if let Some(ts) = checks::train::find_trainer_state(dir)
-                    .or_else(|| dir.parent().and_then(checks::train::find_trainer_state))
-                {
-                    match checks::train::check_trainer_state(&ts) {
-                        Ok(f) => fs.extend(f),
-                        Err(e) => fs.push(Finding::warning("train_state_unreadable", format!("{e:#}"))),
-                    }
-                }
-                let info = AdapterInfo {
-                    path: dir.display().to_string(),
-                    kind: "lora".into(),
-                    rank: Some(a.config.r),
-                    alpha: Some(a.config.lora_alpha),
-                    scaling: Some(a.config.scaling()),
-                    matched_modules: m.matched_modules.len(),
-                    tensors: a.tensors,
-                    note: note.clone(),
-                };
-                lora_slots.push(Some(attach.len()));
-                // Base and adapter rows share batches, and 0·NaN = NaN: a NaN adapter would poison
-                // every row. It is not applied; its finding says so.
-                match fs.iter_mut().find(|f| f.code == "adapter_nonfinite") {
-                    Some(f) => {
-                        f.message.push_str("; not applied in this run, so its numbers are the base's");
-                        attach.push(vec![]);
-                    }
-                    None => attach.push(m.deltas),
-                }
-                per_adapter.push((fs, info));
-            }
-            AdapterInput::Merged { dir } => {
-                lora_slots.push(None);
-                per_adapter.push((
-                    vec![],
-                    AdapterInfo { path: dir.display().to_string(), kind: "merged".into(), ..Default::default() },
-                ));
-            }
-        }
-    }
+    let Adapters { lora_slots, mut per_adapter, attach, effect_jobs } = adapters_job
+        .join()
+        .map_err(|_| anyhow::anyhow!("reading the adapters failed unexpectedly (a thread panicked)"))??;
     mark("adapter checks done");
+    // The weights stream to the GPU on their own thread, with room for the adapters' columns; the
+    // device waits for each layer as the first pass reaches it.
+    let room = model::glm::side_room(&attach, &dev)?;
+    let mut base = section("weights", &dev, || model::load_streamed(&base_dir, &base_weights, dtype, &dev, &room))?;
+    mark("weights queued");
     // The adapters' effect checks read sampled rows of the base weights from the files, on other
     // threads, while the device attaches the adapters and scores: they need neither.
     let (effect_slots, jobs): (Vec<(usize, usize)>, Vec<_>) =
@@ -595,6 +553,10 @@ pub fn verify(opts: &Options) -> Result<Vec<Report>> {
     // A stopped run (Ctrl-C, --timeout) reports the samples that finished, as incomplete.
     let (base_complete, mut stopped) = (out.complete, out.stopped);
     mark("scored and generated");
+    // A streamed load ends when its last weight is on the device, while the first pass runs.
+    if let Some(t) = base.weights_arrived() {
+        load_s = load_s.max(t.duration_since(t_load).as_secs_f64());
+    }
     let effects = effect_job
         .join()
         .map_err(|_| anyhow!("the adapter effect check failed unexpectedly (a thread panicked)"))??;
@@ -744,6 +706,73 @@ pub fn verify(opts: &Options) -> Result<Vec<Report>> {
     }
     mark("reports built");
     Ok(reports)
+}
+
+/// The adapters as the run uses them: read and checked (all but the effect check) from their files.
+struct Adapters {
+    /// Per `--adapter`: its index among the LoRA adapters attached to the base, None for a merged model.
+    lora_slots: Vec<Option<usize>>,
+    per_adapter: Vec<(Vec<Finding>, AdapterInfo)>,
+    /// What `Glm::attach` takes (an adapter that is not applied has no deltas).
+    attach: Vec<Vec<(usize, model::Target, model::lora::LoraDelta)>>,
+    /// (report, position among its findings, matched pairs) of each effect check to run.
+    effect_jobs: Vec<(usize, usize, crate::adapter::Matched)>,
+}
+
+/// Reads the `--adapter` inputs against the base's config (no device needed: runs while it starts).
+fn read_adapters(inputs: &[AdapterInput], base_cfg: &model::ModelConfig) -> Result<Adapters> {
+    let mut lora_slots: Vec<Option<usize>> = Vec::new();
+    let mut per_adapter: Vec<(Vec<Finding>, AdapterInfo)> = Vec::new();
+    let mut attach = Vec::new();
+    let mut effect_jobs = Vec::new();
+    for input in inputs {
+        match input {
+            AdapterInput::Lora { dir, note } => {
+                let a = Adapter::open(dir)?;
+                let m = match_to_base(&a, base_cfg)?;
+                let mut fs = checks::adapter::check_files(&a, &m, base_cfg)?;
+                // The effect check comes later, from another thread; its findings go here.
+                effect_jobs.push((per_adapter.len(), fs.len(), m.clone()));
+                if let Some(ts) = checks::train::find_trainer_state(dir)
+                    .or_else(|| dir.parent().and_then(checks::train::find_trainer_state))
+                {
+                    match checks::train::check_trainer_state(&ts) {
+                        Ok(f) => fs.extend(f),
+                        Err(e) => fs.push(Finding::warning("train_state_unreadable", format!("{e:#}"))),
+                    }
+                }
+                let info = AdapterInfo {
+                    path: dir.display().to_string(),
+                    kind: "lora".into(),
+                    rank: Some(a.config.r),
+                    alpha: Some(a.config.lora_alpha),
+                    scaling: Some(a.config.scaling()),
+                    matched_modules: m.matched_modules.len(),
+                    tensors: a.tensors,
+                    note: note.clone(),
+                };
+                lora_slots.push(Some(attach.len()));
+                // Base and adapter rows share batches, and 0·NaN = NaN: a NaN adapter would poison
+                // every row. It is not applied; its finding says so.
+                match fs.iter_mut().find(|f| f.code == "adapter_nonfinite") {
+                    Some(f) => {
+                        f.message.push_str("; not applied in this run, so its numbers are the base's");
+                        attach.push(vec![]);
+                    }
+                    None => attach.push(m.deltas),
+                }
+                per_adapter.push((fs, info));
+            }
+            AdapterInput::Merged { dir } => {
+                lora_slots.push(None);
+                per_adapter.push((
+                    vec![],
+                    AdapterInfo { path: dir.display().to_string(), kind: "merged".into(), ..Default::default() },
+                ));
+            }
+        }
+    }
+    Ok(Adapters { lora_slots, per_adapter, attach, effect_jobs })
 }
 
 /// Runs `f`; when the device runs out of memory, again with every batch limit halved, down to one

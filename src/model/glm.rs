@@ -5,6 +5,9 @@
 //! residual; RMSNorm → SwiGLU MLP from a fused gate/up projection → [0414: post-MLP norm] → residual.
 //! Batches are left-padded: row b has `pad[b]` pad tokens first, positions count from its first real token.
 
+use std::collections::HashMap;
+use std::sync::Arc;
+
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor, D};
 
@@ -12,6 +15,7 @@ use super::config::{Layout, ModelConfig};
 use super::lora::{Linear, LoraDelta, LoraStack, RowSelection};
 use super::profile;
 use super::weights::TensorSource;
+use super::Pending;
 
 /// The LoRA-able linears of a layer, in the model's own terms.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
@@ -36,6 +40,15 @@ struct Layer {
 }
 
 impl Layer {
+    fn linear(&self, t: Target) -> &Linear {
+        match t {
+            Target::Qkv => &self.qkv,
+            Target::O => &self.o,
+            Target::GateUp => &self.gate_up,
+            Target::Down => &self.down,
+        }
+    }
+
     fn linear_mut(&mut self, t: Target) -> &mut Linear {
         match t {
             Target::Qkv => &mut self.qkv,
@@ -47,6 +60,9 @@ impl Layer {
 }
 
 pub struct Glm {
+    /// Weights still arriving (a streamed load). The first field, so it drops first: the copies
+    /// end before the tensors they write are freed.
+    pending: Option<Arc<dyn Pending>>,
     pub cfg: ModelConfig,
     embed: Tensor,
     layers: Vec<Layer>,
@@ -170,9 +186,29 @@ impl Cache {
 impl Glm {
     /// Loads a model directory's weights in `dtype` onto `device`.
     pub fn load(cfg: ModelConfig, weights: &dyn TensorSource, dtype: DType, device: &Device) -> Result<Self> {
+        Self::load_with_room(cfg, weights, dtype, device, &HashMap::new())
+    }
+
+    /// As `load`, with `room[(layer, target)]` columns after each row of those linears' weights
+    /// for the LoRA side path (what `attach` will need: `lora::side_width`), so attaching writes
+    /// the adapters' columns in place instead of copying every weight. The weights load in parts
+    /// (`TensorSource::begin_part`): 0 the embedding, 1 + i layer i, then the final norm and output layer.
+    pub fn load_with_room(
+        cfg: ModelConfig,
+        weights: &dyn TensorSource,
+        dtype: DType,
+        device: &Device,
+        room: &HashMap<(usize, Target), usize>,
+    ) -> Result<Self> {
         let c = &cfg;
         let h = c.hidden_size;
         let ld = |name: &str, shape: &[usize]| weights.load_shaped(name, shape, dtype, device);
+        let lin = |layer: usize, t: Target, parts: &[(&str, &[usize])], bias: Option<Tensor>| {
+            let extra = room.get(&(layer, t)).copied().unwrap_or(0);
+            Linear::with_room(weights.load_stacked(parts, extra, dtype, device)?, bias, extra)
+        };
+        let last_part = c.num_layers + 1;
+        weights.begin_part(0);
         let (embed_name, norm_name, head_name) = match c.layout {
             Layout::Chatglm => (
                 "transformer.embedding.word_embeddings.weight",
@@ -185,11 +221,13 @@ impl Glm {
         let lm_head = if c.tie_word_embeddings && !weights.contains(head_name) {
             embed.clone()
         } else {
+            weights.begin_part(last_part);
             ld(head_name, &[c.vocab_size, h])?
         };
         let qkv_out = c.q_out() + 2 * c.kv_out();
         let mut layers = Vec::with_capacity(c.num_layers);
         for i in 0..c.num_layers {
+            weights.begin_part(1 + i);
             let layer = match c.layout {
                 Layout::Chatglm => {
                     let p = format!("transformer.encoder.layers.{i}.");
@@ -199,26 +237,42 @@ impl Glm {
                         post_attn_norm: ld(&format!("{p}post_attention_layernorm.weight"), &[h])?,
                         post_self_attn_norm: None,
                         post_mlp_norm: None,
-                        qkv: Linear::new(
-                            ld(&format!("{p}self_attention.query_key_value.weight"), &[qkv_out, h])?,
+                        qkv: lin(
+                            i,
+                            Target::Qkv,
+                            &[(&format!("{p}self_attention.query_key_value.weight"), &[qkv_out, h])],
                             if c.qkv_bias { Some(ld(&bias_name, &[qkv_out])?) } else { None },
                         )?,
-                        o: plain(ld(&format!("{p}self_attention.dense.weight"), &[h, c.q_out()])?)?,
-                        gate_up: plain(ld(&format!("{p}mlp.dense_h_to_4h.weight"), &[2 * c.intermediate_size, h])?)?,
-                        down: plain(ld(&format!("{p}mlp.dense_4h_to_h.weight"), &[h, c.intermediate_size])?)?,
+                        o: lin(i, Target::O, &[(&format!("{p}self_attention.dense.weight"), &[h, c.q_out()])], None)?,
+                        gate_up: lin(
+                            i,
+                            Target::GateUp,
+                            &[(&format!("{p}mlp.dense_h_to_4h.weight"), &[2 * c.intermediate_size, h])],
+                            None,
+                        )?,
+                        down: lin(
+                            i,
+                            Target::Down,
+                            &[(&format!("{p}mlp.dense_4h_to_h.weight"), &[h, c.intermediate_size])],
+                            None,
+                        )?,
                     }
                 }
                 Layout::Glm | Layout::Glm4 => {
                     let p = format!("model.layers.{i}.");
-                    let proj = |x: &str, out: usize| ld(&format!("{p}self_attn.{x}_proj.weight"), &[out, h]);
-                    let weight =
-                        Tensor::cat(&[proj("q", c.q_out())?, proj("k", c.kv_out())?, proj("v", c.kv_out())?], 0)?;
+                    // q, k and v stacked into one [q_out + 2·kv_out, h] weight (and bias).
+                    let proj = |suffix: &str, dims: fn(usize, usize) -> Vec<usize>| -> Vec<(String, Vec<usize>)> {
+                        [("q", c.q_out()), ("k", c.kv_out()), ("v", c.kv_out())]
+                            .iter()
+                            .map(|(x, out)| (format!("{p}self_attn.{x}_proj.{suffix}"), dims(*out, h)))
+                            .collect()
+                    };
                     let bias = if c.qkv_bias {
-                        let b = |x: &str, out: usize| ld(&format!("{p}self_attn.{x}_proj.bias"), &[out]);
-                        Some(Tensor::cat(&[b("q", c.q_out())?, b("k", c.kv_out())?, b("v", c.kv_out())?], 0)?)
+                        Some(weights.load_stacked(&named(&proj("bias", |o, _| vec![o])), 0, dtype, device)?)
                     } else {
                         None
                     };
+                    let qkv_weights = proj("weight", |o, h| vec![o, h]);
                     let glm4 = c.layout == Layout::Glm4;
                     Layer {
                         input_norm: ld(&format!("{p}input_layernorm.weight"), &[h])?,
@@ -233,15 +287,26 @@ impl Glm {
                         } else {
                             None
                         },
-                        qkv: Linear::new(weight, bias)?,
-                        o: plain(ld(&format!("{p}self_attn.o_proj.weight"), &[h, c.q_out()])?)?,
-                        gate_up: plain(ld(&format!("{p}mlp.gate_up_proj.weight"), &[2 * c.intermediate_size, h])?)?,
-                        down: plain(ld(&format!("{p}mlp.down_proj.weight"), &[h, c.intermediate_size])?)?,
+                        qkv: lin(i, Target::Qkv, &named(&qkv_weights), bias)?,
+                        o: lin(i, Target::O, &[(&format!("{p}self_attn.o_proj.weight"), &[h, c.q_out()])], None)?,
+                        gate_up: lin(
+                            i,
+                            Target::GateUp,
+                            &[(&format!("{p}mlp.gate_up_proj.weight"), &[2 * c.intermediate_size, h])],
+                            None,
+                        )?,
+                        down: lin(
+                            i,
+                            Target::Down,
+                            &[(&format!("{p}mlp.down_proj.weight"), &[h, c.intermediate_size])],
+                            None,
+                        )?,
                     }
                 }
             };
             layers.push(layer);
         }
+        weights.begin_part(last_part);
         let final_norm = ld(norm_name, &[h])?;
         // RoPE frequencies in f32 whatever the model dtype: bf16 positions are wrong past 256.
         let half = c.rotary_dim / 2;
@@ -249,6 +314,7 @@ impl Glm {
             (0..half).map(|i| 1.0 / (c.rope_theta as f32).powf((2 * i) as f32 / c.rotary_dim as f32)).collect();
         let inv_freq = Tensor::from_vec(inv, half, device)?;
         Ok(Glm {
+            pending: None,
             cfg,
             embed,
             layers,
@@ -268,6 +334,30 @@ impl Glm {
     pub fn dtype(&self) -> DType {
         self.dtype
     }
+    /// Weights still arriving from a streamed load (`model::load_streamed`).
+    pub fn set_pending(&mut self, pending: Arc<dyn Pending>) {
+        self.pending = Some(pending);
+    }
+
+    /// Makes the device wait for part `p` of the weights (see `load_with_room`), if still arriving.
+    fn ready(&self, p: usize) -> Result<()> {
+        match &self.pending {
+            Some(w) => w.wait(p),
+            None => Ok(()),
+        }
+    }
+
+    /// Makes the device wait for every weight: later work may read any of them.
+    pub fn wait_for_weights(&self) -> Result<()> {
+        self.ready(self.layers.len() + 1)
+    }
+
+    /// When the last weight of a streamed load arrived on the device (waits for it); None for a
+    /// model loaded at once.
+    pub fn weights_arrived(&self) -> Option<std::time::Instant> {
+        self.pending.as_ref().and_then(|w| w.finished())
+    }
+
     /// Number of adapters attached for the unmerged side path.
     pub fn adapters(&self) -> usize {
         self.adapters
@@ -275,6 +365,7 @@ impl Glm {
 
     /// Base weight [out, in] of a target linear (for effect-size and merge checks).
     pub fn target_weight(&self, layer: usize, t: Target) -> Result<Tensor> {
+        self.wait_for_weights()?;
         let l = self.layers.get(layer).with_context(|| format!("no layer {layer}"))?;
         match t {
             Target::Qkv => l.qkv.base_weight(),
@@ -286,6 +377,7 @@ impl Glm {
 
     /// Merges deltas into the weights. `deltas[(layer, target)]`.
     pub fn merge(&mut self, deltas: &[(usize, Target, LoraDelta)]) -> Result<()> {
+        self.wait_for_weights()?;
         for (layer, t, d) in deltas {
             let l = self.layers.get_mut(*layer).with_context(|| format!("no layer {layer}"))?;
             l.linear_mut(*t).merge(std::slice::from_ref(d))?;
@@ -294,19 +386,29 @@ impl Glm {
     }
 
     /// Attaches adapters for the unmerged side path; adapter k of `adapters` becomes index k
-    /// in `RowSelection`. Replaces any adapters attached before.
+    /// in `RowSelection`. Replaces any adapters attached before. Where the weights were loaded
+    /// with room for these adapters (`load_with_room` with `side_room(adapters)`), their columns are written
+    /// in place and the weights need not have arrived yet.
     pub fn attach(&mut self, adapters: &[Vec<(usize, Target, LoraDelta)>]) -> Result<()> {
         let dtype = self.dtype;
         let device = self.device.clone();
-        for (li, layer) in self.layers.iter_mut().enumerate() {
+        let mut stacks = Vec::new();
+        for li in 0..self.layers.len() {
             for t in [Target::Qkv, Target::O, Target::GateUp, Target::Down] {
-                let lin = layer.linear_mut(t);
                 let per: Vec<Vec<LoraDelta>> = adapters
                     .iter()
                     .map(|ds| ds.iter().filter(|(l, tt, _)| *l == li && *tt == t).map(|(_, _, d)| d.clone()).collect())
                     .collect();
-                lin.set_lora(LoraStack::build(lin.out_features(), &per, dtype, &device)?)?;
+                let out = self.layers[li].linear_mut(t).out_features();
+                stacks.push((li, t, LoraStack::build(out, &per, dtype, &device)?));
             }
+        }
+        // A linear whose room does not fit its stack is rebuilt from its base weight: wait for it.
+        if stacks.iter().any(|(li, t, s)| !self.layers[*li].linear(*t).fits(s.as_ref())) {
+            self.wait_for_weights()?;
+        }
+        for (li, t, stack) in stacks {
+            self.layers[li].linear_mut(t).set_lora(stack)?;
         }
         self.adapters = adapters.len();
         Ok(())
@@ -375,6 +477,7 @@ impl Glm {
         let offset = cache.as_ref().map(|c| c.len).unwrap_or(0);
         let s = offset + t;
         let dev = &self.device;
+        self.ready(0)?;
         let (ctx, mut x) = profile::section("embed_rope", dev, || {
             let (cos, sin) = self.rope(pad, offset, t)?;
             let (mask, pads) = if self.fused() {
@@ -389,6 +492,7 @@ impl Glm {
         let mut pending = None;
         let last = self.layers.len().saturating_sub(1);
         for (i, layer) in self.layers.iter().enumerate() {
+            self.ready(1 + i)?;
             let kv = cache.as_deref_mut().map(|c| (c, i));
             let (nx, d) = self.layer(layer, &x, pending.as_ref(), &ctx, kv, keep.filter(|_| i == last))?;
             (x, pending) = (nx, Some(d));
@@ -413,6 +517,7 @@ impl Glm {
     }
 
     fn logits_at_inner(&self, hidden: &Tensor, at: &Tensor) -> Result<Tensor> {
+        self.wait_for_weights()?;
         let h = hidden.dim(D::Minus1)?;
         let flat = hidden.reshape(((), h))?;
         let rows = super::gather_rows(&flat, at)?;
@@ -674,6 +779,7 @@ impl Glm {
     /// The last position's logits of every row of hidden [B, T, H] → [B, V] f32.
     pub fn last_logits(&self, hidden: &Tensor) -> Result<Tensor> {
         let (b, t, h) = hidden.dims3()?;
+        self.wait_for_weights()?;
         if t == 1 {
             // Decoding: every row is a last position (no index to copy to the device).
             let rows = self.rms_norm(&hidden.reshape((b, h))?, &self.final_norm)?;
@@ -693,14 +799,29 @@ fn flash_enabled() -> bool {
     *ON.get_or_init(|| std::env::var_os("GLM4_VERIFY_FLASH").is_none_or(|v| v != "0"))
 }
 
+/// The columns each linear's input gains on the side path of `adapters` (as `attach` takes them):
+/// the room `Glm::load_with_room` leaves for them. Linears no adapter targets are not listed.
+pub fn side_room(
+    adapters: &[Vec<(usize, Target, LoraDelta)>],
+    device: &Device,
+) -> Result<HashMap<(usize, Target), usize>> {
+    let mut rank: HashMap<(usize, Target), (usize, usize)> = HashMap::new(); // (in, ΣR)
+    for (layer, t, d) in adapters.iter().flatten() {
+        let (r, inp) = d.a.dims2()?;
+        rank.entry((*layer, *t)).or_insert((inp, 0)).1 += r;
+    }
+    Ok(rank.into_iter().map(|(k, (inp, r))| (k, super::lora::side_width(inp, r, device))).collect())
+}
+
+/// (name, shape) pairs as `TensorSource::load_stacked` takes them.
+fn named(v: &[(String, Vec<usize>)]) -> Vec<(&str, &[usize])> {
+    v.iter().map(|(n, s)| (n.as_str(), s.as_slice())).collect()
+}
+
 /// GLM4_VERIFY_UNFUSED=1, read once (the forward pass asks per layer).
 fn unfused_requested() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *ON.get_or_init(|| std::env::var_os("GLM4_VERIFY_UNFUSED").is_some_and(|v| v != "0"))
-}
-
-fn plain(weight: Tensor) -> Result<Linear> {
-    Linear::new(weight, None)
 }
 
 #[cfg(test)]

@@ -86,8 +86,7 @@ impl LoraStack {
             return Ok(None);
         }
         let a = Tensor::cat(&a_rows, 0)?;
-        let inp = a.dim(1)?;
-        let width = if device.is_cuda() { (inp + start).next_multiple_of(64) - inp } else { start };
+        let width = side_width(a.dim(1)?, start, device);
         let mut b = Tensor::cat(&b_cols, 1)?.to_dtype(dtype)?.to_device(device)?;
         if width > start {
             // Padded on the device: the zeros are most of B's columns.
@@ -98,6 +97,15 @@ impl LoraStack {
 
     pub fn rank(&self) -> usize {
         self.segments.iter().map(|s| s.len).sum()
+    }
+}
+
+/// The side path's columns for a linear of `inp` inputs and stacked rank `rank` (`LoraStack::width`).
+pub fn side_width(inp: usize, rank: usize, device: &Device) -> usize {
+    if device.is_cuda() {
+        (inp + rank).next_multiple_of(64) - inp
+    } else {
+        rank
     }
 }
 
@@ -190,26 +198,53 @@ pub struct Linear {
 
 impl Linear {
     pub fn new(weight: Tensor, bias: Option<Tensor>) -> Result<Self> {
-        let (_, in_features) = weight.dims2()?;
-        Ok(Linear { weight, in_features, bias, lora: None })
+        Self::with_room(weight, bias, 0)
+    }
+
+    /// A linear whose weight [out, in + room] has `room` columns left for a LoRA stack of that
+    /// width (`set_lora` writes it there).
+    pub fn with_room(weight: Tensor, bias: Option<Tensor>, room: usize) -> Result<Self> {
+        let (_, cols) = weight.dims2()?;
+        if room > cols {
+            anyhow::bail!("room for {room} side-path columns in a weight of {cols}");
+        }
+        Ok(Linear { weight, in_features: cols - room, bias, lora: None })
+    }
+
+    /// Columns of the weight after the base's.
+    fn room(&self) -> usize {
+        self.weight.dims()[1] - self.in_features
+    }
+
+    /// Whether `set_lora(stack)` writes into the weight's room (or needs nothing) rather than
+    /// rebuilding the weight from the base's values.
+    pub fn fits(&self, stack: Option<&LoraStack>) -> bool {
+        self.room() == stack.map_or(0, |s| s.width)
     }
 
     pub fn out_features(&self) -> usize {
         self.weight.dims()[0]
     }
 
-    /// The base weight [out, in] (a view when adapters are attached).
+    /// The base weight [out, in] (a view when the weight has side-path columns).
     pub fn base_weight(&self) -> Result<Tensor> {
-        Ok(if self.lora.is_some() { self.weight.narrow(1, 0, self.in_features)? } else { self.weight.clone() })
+        Ok(if self.room() > 0 { self.weight.narrow(1, 0, self.in_features)? } else { self.weight.clone() })
     }
 
-    /// Attaches stacked adapters (or removes them with None).
+    /// Attaches stacked adapters (or removes them with None): their B goes into the weight's room
+    /// when it fits (`fits`), else the weight is rebuilt as [W | B].
     pub fn set_lora(&mut self, stack: Option<LoraStack>) -> Result<()> {
-        let base = if self.lora.is_some() { self.base_weight()?.contiguous()? } else { self.weight.clone() };
-        self.weight = match &stack {
-            Some(s) => Tensor::cat(&[&base, &s.b], 1)?,
-            None => base,
-        };
+        match &stack {
+            Some(s) if self.fits(Some(s)) => self.weight.slice_set(&s.b, 1, self.in_features)?,
+            None if self.fits(None) => {}
+            _ => {
+                let base = if self.room() > 0 { self.base_weight()?.contiguous()? } else { self.weight.clone() };
+                self.weight = match &stack {
+                    Some(s) => Tensor::cat(&[&base, &s.b], 1)?,
+                    None => base,
+                };
+            }
+        }
         self.lora = stack;
         Ok(())
     }
@@ -307,13 +342,16 @@ impl Linear {
 
     /// input [B·T, in (+ width)] · weightᵀ (+ bias) → [B, T, out]
     fn gemm(&self, input: &Tensor, b: usize, t: usize, dev: &Device) -> Result<Tensor> {
+        // Room left for adapters that were never attached: the base's columns only.
+        let weight =
+            if self.lora.is_none() && self.room() > 0 { &self.base_weight()?.contiguous()? } else { &self.weight };
         super::profile::section("gemm", dev, || {
             #[cfg(feature = "cuda")]
             if dev.is_cuda() && matches!(input.dtype(), DType::BF16 | DType::F16) && lt_requested() {
-                let y = super::cuda_gemm::linear(&input.contiguous()?, &self.weight, self.bias.as_ref())?;
+                let y = super::cuda_gemm::linear(&input.contiguous()?, weight, self.bias.as_ref())?;
                 return Ok(y.reshape((b, t, self.out_features()))?);
             }
-            let mut y = input.matmul(&self.weight.t()?)?;
+            let mut y = input.matmul(&weight.t()?)?;
             if let Some(bias) = &self.bias {
                 y = y.broadcast_add(bias)?;
             }
@@ -330,7 +368,7 @@ impl Linear {
             anyhow::bail!("cannot merge into a linear that has adapters attached");
         }
         let dtype = self.weight.dtype();
-        let mut w = self.weight.to_dtype(DType::F32)?;
+        let mut w = self.base_weight()?.to_dtype(DType::F32)?;
         for d in deltas {
             let dw = d.delta_weight()?.to_device(w.device())?;
             let len = dw.dims()[0];

@@ -9,10 +9,12 @@ pub mod glm;
 pub mod lora;
 pub mod profile;
 #[cfg(feature = "cuda")]
-mod upload;
+pub mod upload;
 pub mod weights;
 
+use std::collections::HashMap;
 use std::path::Path;
+use std::time::Instant;
 
 use anyhow::{Context, Result};
 use candle_core::{DType, Device};
@@ -37,6 +39,16 @@ pub fn gather_rows(src: &candle_core::Tensor, idx: &candle_core::Tensor) -> Resu
     Ok(src.index_select(idx, 0)?)
 }
 
+/// Weights still on their way to the device (a streamed load, `load_streamed`).
+pub trait Pending: Send + Sync {
+    /// Makes the device's later work wait until part `p` of the model has arrived (parts: the
+    /// embedding, each layer, the final norm and output layer); the host waits only until that
+    /// part's copies are queued.
+    fn wait(&self, p: usize) -> Result<()>;
+    /// When the last weight arrived (waits for it); None if the copies failed.
+    fn finished(&self) -> Option<Instant>;
+}
+
 /// Loads a model directory (config.json + safetensors) in `dtype` on `device`.
 pub fn load_dir(dir: &Path, dtype: DType, device: &Device) -> Result<Glm> {
     load_from(dir, &weights::Weights::open_dir(dir)?, dtype, device)
@@ -44,10 +56,35 @@ pub fn load_dir(dir: &Path, dtype: DType, device: &Device) -> Result<Glm> {
 
 /// As `load_dir`, with the directory's weights already opened.
 pub fn load_from(dir: &Path, weights: &weights::Weights, dtype: DType, device: &Device) -> Result<Glm> {
+    let m = load_streamed(dir, weights, dtype, device, &HashMap::new())?;
+    m.wait_for_weights()?;
+    Ok(m)
+}
+
+/// As `load_from`, but on CUDA it returns while the weights are still being copied, layer after
+/// layer: the model's forward pass makes the device wait for each layer (`Pending`), so the
+/// first batch runs alongside the upload. `room[(layer, target)]` columns are left after each
+/// row of those linears' weights for the LoRA side path (`lora::side_width`; `Glm::attach` fills
+/// them).
+pub fn load_streamed(
+    dir: &Path,
+    weights: &weights::Weights,
+    dtype: DType,
+    device: &Device,
+    room: &HashMap<(usize, Target), usize>,
+) -> Result<Glm> {
     LOADS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let mut cfg = ModelConfig::from_dir(dir)?;
     add_generation_eos(dir, &mut cfg);
-    Glm::load(cfg, weights, dtype, device).with_context(|| format!("cannot load the model in {}", dir.display()))
+    let context = || format!("cannot load the model in {}", dir.display());
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(d) = device {
+        let src = upload::Streamed::new(weights, d);
+        let mut m = Glm::load_with_room(cfg, &src, dtype, device, room).with_context(context)?;
+        m.set_pending(src.start().with_context(context)?);
+        return Ok(m);
+    }
+    Glm::load_with_room(cfg, weights, dtype, device, room).with_context(context)
 }
 
 /// generation_config.json may list more end tokens than config.json (glm-4-9b-chat does).

@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use anyhow::{anyhow, bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
@@ -15,6 +16,35 @@ pub trait TensorSource {
     fn contains(&self, name: &str) -> bool;
     /// Loads a tensor, checks its shape, converts it to `dtype` on `device`.
     fn load_shaped(&self, name: &str, shape: &[usize], dtype: DType, device: &Device) -> Result<Tensor>;
+    /// Tensors `parts` (name, shape [rows, ...]) stacked along their first dimension, with `extra`
+    /// columns after each row of a matrix (zeros here; a streamed load leaves them for the caller to
+    /// fill: the LoRA side path's columns).
+    fn load_stacked(&self, parts: &[(&str, &[usize])], extra: usize, dtype: DType, device: &Device) -> Result<Tensor> {
+        stack_loaded(self, parts, extra, dtype, device)
+    }
+    /// The tensors loaded from now on belong to part `p` of the model (a streamed load uploads
+    /// them in part order and tells the model when each part has arrived).
+    fn begin_part(&self, _p: usize) {}
+}
+
+/// `TensorSource::load_stacked` by loading each part and concatenating them on the device.
+pub fn stack_loaded<S: TensorSource + ?Sized>(
+    src: &S,
+    parts: &[(&str, &[usize])],
+    extra: usize,
+    dtype: DType,
+    device: &Device,
+) -> Result<Tensor> {
+    let ts: Vec<Tensor> = parts.iter().map(|(n, s)| src.load_shaped(n, s, dtype, device)).collect::<Result<_>>()?;
+    let t = match ts.as_slice() {
+        [one] => one.clone(),
+        _ => Tensor::cat(&ts, 0)?,
+    };
+    if extra == 0 {
+        return Ok(t);
+    }
+    let rows = t.dim(0)?;
+    Ok(Tensor::cat(&[&t, &Tensor::zeros((rows, extra), dtype, device)?], 1)?)
 }
 
 impl TensorSource for Weights {
@@ -90,7 +120,7 @@ struct Entry {
 /// Read-only view of all tensors of a model or adapter.
 pub struct Weights {
     files: Vec<PathBuf>,
-    maps: Vec<Mmap>,
+    maps: Vec<Arc<Mmap>>,
     entries: HashMap<String, Entry>,
 }
 
@@ -209,7 +239,7 @@ impl Weights {
                 }
                 entries.insert(name, Entry { file: i, dtype, shape: info.shape.clone(), start, end });
             }
-            maps.push(map);
+            maps.push(Arc::new(map));
         }
         Ok(Weights { files: files.to_vec(), maps, entries })
     }
@@ -263,9 +293,10 @@ impl Weights {
         let bytes = &self.maps[e.file][e.start..e.end];
         #[cfg(feature = "cuda")]
         if let Device::Cuda(d) = device {
-            let up = super::upload::upload(bytes, e.dtype, &e.shape, d).map_err(|err| {
-                anyhow!("{}: tensor {name} ({:?} {:?}): {err:#}", self.files[e.file].display(), e.dtype, e.shape)
-            })?;
+            let up =
+                super::upload::upload(&self.maps[e.file], e.start..e.end, e.dtype, &e.shape, d).map_err(|err| {
+                    anyhow!("{}: tensor {name} ({:?} {:?}): {err:#}", self.files[e.file].display(), e.dtype, e.shape)
+                })?;
             if let Some(t) = up {
                 return Ok(t.to_dtype(dtype)?);
             }
@@ -309,13 +340,25 @@ impl Weights {
 
     /// Loads a tensor and checks its shape.
     pub fn load_shaped(&self, name: &str, shape: &[usize], dtype: DType, device: &Device) -> Result<Tensor> {
+        self.check_shape(name, shape)?;
+        self.load(name, dtype, device)
+    }
+
+    /// Fails, naming the files, when tensor `name` exists with another shape than `shape`.
+    pub fn check_shape(&self, name: &str, shape: &[usize]) -> Result<()> {
         match self.shape(name) {
             Some(s) if s != shape => bail!(
                 "tensor {name} in {} has shape {s:?}, expected {shape:?} from config.json; config and weights disagree",
                 self.describe_files()
             ),
-            _ => self.load(name, dtype, device),
+            _ => Ok(()),
         }
+    }
+
+    /// Where tensor `name`'s bytes lie: its file's map, the byte range in it, its dtype and the file.
+    pub fn raw(&self, name: &str) -> Result<(Arc<Mmap>, std::ops::Range<usize>, DType, &Path)> {
+        let e = self.entry(name)?;
+        Ok((self.maps[e.file].clone(), e.start..e.end, e.dtype, &self.files[e.file]))
     }
 
     /// The first tensor (by name) holding NaN or Inf: read one at a time, for error messages.
