@@ -466,6 +466,7 @@ fn run(copies: &Copies, stream: &Arc<CudaStream>, gate: &Gate) {
     // Even after a failure: nothing queued may still run when the model frees its tensors.
     let synced = stream.synchronize();
     let outcome = outcome.and_then(|_| Ok(synced?));
+    super::profile::mark("weights on the device");
     if let Ok(mut s) = gate.state.lock() {
         match outcome {
             Ok(()) => s.finished = Some(Instant::now()),
