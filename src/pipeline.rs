@@ -506,12 +506,17 @@ pub fn verify(opts: &Options) -> Result<Vec<Report>> {
     let mut base = section("weights", &dev, || model::load_streamed(&base_dir, &base_weights, dtype, &dev, &room))?;
     mark("weights queued");
     // The adapters' effect checks read sampled rows of the base weights from the files, on other
-    // threads, while the device attaches the adapters and scores: they need neither.
+    // threads, while the device scores: they need neither the device nor the model.
     let (effect_slots, jobs): (Vec<(usize, usize)>, Vec<_>) =
         effect_jobs.into_iter().map(|(r, at, m)| ((r, at), m)).unzip();
     let effect_job = {
-        let cfg = base_cfg.clone();
+        let (cfg, upload) = (base_cfg.clone(), base.pending_weights());
         std::thread::spawn(move || -> Result<Vec<Vec<Finding>>> {
+            // After the weights' upload, whose threads read the same files: the check has all of
+            // scoring to finish in, the upload is what the first pass waits for.
+            if let Some(u) = upload {
+                u.finished();
+            }
             let rows = checks::adapter::weight_rows_from_files(&base_weights, &cfg);
             jobs.iter().map(|m| Ok(checks::adapter::check_effect(&rows, m)?.1)).collect()
         })

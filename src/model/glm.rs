@@ -60,8 +60,7 @@ impl Layer {
 }
 
 pub struct Glm {
-    /// Weights still arriving (a streamed load). The first field, so it drops first: the copies
-    /// end before the tensors they write are freed.
+    /// Weights still arriving (a streamed load); see `Drop`.
     pending: Option<Arc<dyn Pending>>,
     pub cfg: ModelConfig,
     embed: Tensor,
@@ -76,6 +75,16 @@ pub struct Glm {
     /// Use plain tensor ops instead of candle's fused kernels (which have no backward pass), so
     /// gradients flow: the demo trains LoRA adapters through this forward.
     pub differentiable: bool,
+}
+
+impl Drop for Glm {
+    /// A streamed load's copies write the model's tensors: they end before the tensors are freed
+    /// (others may hold the load's progress longer than the model).
+    fn drop(&mut self) {
+        if let Some(p) = &self.pending {
+            p.finished();
+        }
+    }
 }
 
 /// What every layer of one forward pass shares: RoPE tables, attention mask, row selection.
@@ -352,6 +361,11 @@ impl Glm {
         self.ready(self.layers.len() + 1)
     }
 
+    /// The streamed load still under way, if any (to wait for it elsewhere).
+    pub fn pending_weights(&self) -> Option<Arc<dyn Pending>> {
+        self.pending.clone()
+    }
+
     /// When the last weight of a streamed load arrived on the device (waits for it); None for a
     /// model loaded at once.
     pub fn weights_arrived(&self) -> Option<std::time::Instant> {
@@ -392,17 +406,23 @@ impl Glm {
     pub fn attach(&mut self, adapters: &[Vec<(usize, Target, LoraDelta)>]) -> Result<()> {
         let dtype = self.dtype;
         let device = self.device.clone();
-        let mut stacks = Vec::new();
+        let mut linears = Vec::new();
+        let mut keys = Vec::new();
         for li in 0..self.layers.len() {
             for t in [Target::Qkv, Target::O, Target::GateUp, Target::Down] {
                 let per: Vec<Vec<LoraDelta>> = adapters
                     .iter()
                     .map(|ds| ds.iter().filter(|(l, tt, _)| *l == li && *tt == t).map(|(_, _, d)| d.clone()).collect())
                     .collect();
-                let out = self.layers[li].linear_mut(t).out_features();
-                stacks.push((li, t, LoraStack::build(out, &per, dtype, &device)?));
+                linears.push((self.layers[li].linear(t).out_features(), per));
+                keys.push((li, t));
             }
         }
+        let stacks: Vec<_> = keys
+            .into_iter()
+            .zip(LoraStack::build_all(&linears, dtype, &device)?)
+            .map(|((l, t), s)| (l, t, s))
+            .collect();
         // A linear whose room does not fit its stack is rebuilt from its base weight: wait for it.
         if stacks.iter().any(|(li, t, s)| !self.layers[*li].linear(*t).fits(s.as_ref())) {
             self.wait_for_weights()?;

@@ -56,48 +56,100 @@ pub struct LoraStack {
 impl LoraStack {
     /// Stacks the deltas of several adapters: `per_adapter[k]` holds adapter k's deltas on this linear.
     pub fn build(out: usize, per_adapter: &[Vec<LoraDelta>], dtype: DType, device: &Device) -> Result<Option<Self>> {
-        let mut a_rows = Vec::new();
-        let mut b_cols: Vec<Tensor> = Vec::new();
-        let mut segments = Vec::new();
-        let mut start = 0;
-        for (k, deltas) in per_adapter.iter().enumerate() {
-            let seg_start = start;
-            for d in deltas {
-                let (len, r) = d.b.dims2()?;
-                a_rows.push((d.a.to_dtype(DType::F32)? * d.scale)?);
-                // Place B in its output rows, zero elsewhere (block-diagonal for fused q/k/v parts).
-                let dev = d.b.device();
-                let mut parts = Vec::new();
-                if d.out_start > 0 {
-                    parts.push(Tensor::zeros((d.out_start, r), DType::F32, dev)?);
-                }
-                parts.push(d.b.to_dtype(DType::F32)?);
-                if d.out_start + len < out {
-                    parts.push(Tensor::zeros((out - d.out_start - len, r), DType::F32, dev)?);
-                }
-                b_cols.push(Tensor::cat(&parts, 0)?);
-                start += r;
+        Ok(Self::build_all(&[(out, per_adapter.to_vec())], dtype, device)?.pop().flatten())
+    }
+
+    /// `build` for many linears, `(out, per_adapter)` each. A and B are put together on the host and
+    /// go to the device in one copy: a copy from pageable memory waits behind everything queued on
+    /// the copy engine (a streamed load's weights), so one copy instead of two per linear.
+    pub fn build_all(
+        linears: &[(usize, Vec<Vec<LoraDelta>>)],
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Vec<Option<Self>>> {
+        let host: Vec<_> = linears.iter().map(|(out, per)| host_stack(*out, per, dtype)).collect::<Result<_>>()?;
+        let parts: Vec<Tensor> = host.iter().flatten().flat_map(|(a, b, _)| [a.clone(), b.clone()]).collect();
+        let mut moved = to_device_at_once(&parts, device)?.into_iter();
+        let mut next = || moved.next().ok_or_else(|| anyhow::anyhow!("LoRA stacks: a tensor went missing"));
+        let mut stacks = Vec::with_capacity(host.len());
+        for (out, h) in linears.iter().map(|(out, _)| *out).zip(host) {
+            let Some((_, _, segments)) = h else {
+                stacks.push(None);
+                continue;
+            };
+            let (a, mut b) = (next()?, next()?);
+            let rank = a.dim(0)?;
+            let width = side_width(a.dim(1)?, rank, device);
+            if width > rank {
+                // Padded on the device: the zeros are most of B's columns.
+                b = Tensor::cat(&[&b, &Tensor::zeros((out, width - rank), dtype, device)?], 1)?;
             }
-            if start > seg_start {
-                segments.push(Segment { adapter: k, start: seg_start, len: start - seg_start });
-            }
+            stacks.push(Some(LoraStack { a, b, segments, width }));
         }
-        if segments.is_empty() {
-            return Ok(None);
-        }
-        let a = Tensor::cat(&a_rows, 0)?;
-        let width = side_width(a.dim(1)?, start, device);
-        let mut b = Tensor::cat(&b_cols, 1)?.to_dtype(dtype)?.to_device(device)?;
-        if width > start {
-            // Padded on the device: the zeros are most of B's columns.
-            b = Tensor::cat(&[&b, &Tensor::zeros((out, width - start), dtype, device)?], 1)?;
-        }
-        Ok(Some(LoraStack { a: a.to_dtype(dtype)?.to_device(device)?, b, segments, width }))
+        Ok(stacks)
     }
 
     pub fn rank(&self) -> usize {
         self.segments.iter().map(|s| s.len).sum()
     }
+}
+
+/// One linear's stack on the host in `dtype`: A [ΣR, in] (scale folded in), B [out, ΣR] and the
+/// adapters' segments; None when no adapter has a delta there.
+fn host_stack(
+    out: usize,
+    per_adapter: &[Vec<LoraDelta>],
+    dtype: DType,
+) -> Result<Option<(Tensor, Tensor, Vec<Segment>)>> {
+    let mut a_rows = Vec::new();
+    let mut b_cols: Vec<Tensor> = Vec::new();
+    let mut segments = Vec::new();
+    let mut start = 0;
+    let cpu = &Device::Cpu;
+    for (k, deltas) in per_adapter.iter().enumerate() {
+        let seg_start = start;
+        for d in deltas {
+            let (len, r) = d.b.dims2()?;
+            a_rows.push((d.a.to_device(cpu)?.to_dtype(DType::F32)? * d.scale)?);
+            // Place B in its output rows, zero elsewhere (block-diagonal for fused q/k/v parts).
+            let mut parts = Vec::new();
+            if d.out_start > 0 {
+                parts.push(Tensor::zeros((d.out_start, r), DType::F32, cpu)?);
+            }
+            parts.push(d.b.to_device(cpu)?.to_dtype(DType::F32)?);
+            if d.out_start + len < out {
+                parts.push(Tensor::zeros((out - d.out_start - len, r), DType::F32, cpu)?);
+            }
+            b_cols.push(Tensor::cat(&parts, 0)?);
+            start += r;
+        }
+        if start > seg_start {
+            segments.push(Segment { adapter: k, start: seg_start, len: start - seg_start });
+        }
+    }
+    if segments.is_empty() {
+        return Ok(None);
+    }
+    let a = Tensor::cat(&a_rows, 0)?.to_dtype(dtype)?;
+    let b = Tensor::cat(&b_cols, 1)?.to_dtype(dtype)?;
+    Ok(Some((a, b, segments)))
+}
+
+/// Host tensors of one dtype on `device` in one copy (views of one buffer there).
+fn to_device_at_once(ts: &[Tensor], device: &Device) -> Result<Vec<Tensor>> {
+    if !device.is_cuda() || ts.is_empty() {
+        return Ok(ts.iter().map(|t| t.to_device(device)).collect::<candle_core::Result<_>>()?);
+    }
+    let flat: Vec<Tensor> = ts.iter().map(|t| t.flatten_all()).collect::<candle_core::Result<_>>()?;
+    let all = Tensor::cat(&flat, 0)?.to_device(device)?;
+    let mut at = 0;
+    let mut out = Vec::with_capacity(ts.len());
+    for t in ts {
+        let n = t.elem_count();
+        out.push(all.narrow(0, at, n)?.reshape(t.shape())?);
+        at += n;
+    }
+    Ok(out)
 }
 
 /// The side path's columns for a linear of `inp` inputs and stacked rank `rank` (`LoraStack::width`).

@@ -450,6 +450,7 @@ pub struct Gate {
 
 /// The uploading thread: queues each part's copies, records its event, tells the waiting model.
 fn run(copies: &Copies, stream: &Arc<CudaStream>, gate: &Gate) {
+    let _ended = Ended(gate);
     let mut start = 0;
     let mut outcome = Ok(());
     for (p, &end) in copies.ends.iter().enumerate() {
@@ -474,6 +475,20 @@ fn run(copies: &Copies, stream: &Arc<CudaStream>, gate: &Gate) {
         }
     }
     gate.changed.notify_all();
+}
+
+/// Marks the upload failed if its thread ends without an outcome (a panic), so nobody waits forever.
+struct Ended<'a>(&'a Gate);
+
+impl Drop for Ended<'_> {
+    fn drop(&mut self) {
+        let mut s = self.0.state.lock().unwrap_or_else(|e| e.into_inner());
+        if s.finished.is_none() && s.failed.is_none() {
+            s.failed = Some("the upload thread stopped unexpectedly".into());
+        }
+        drop(s);
+        self.0.changed.notify_all();
+    }
 }
 
 impl Gate {
