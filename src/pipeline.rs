@@ -496,7 +496,7 @@ pub fn verify(opts: &Options) -> Result<Vec<Report>> {
     let progress = Progress::new(opts.progress);
     progress.stage(format!("loading {}", base_dir.display()));
     let t_load = Instant::now();
-    let Adapters { lora_slots, mut per_adapter, attach, effect_jobs } = adapters_job
+    let Adapters { lora_slots, mut per_adapter, attach, stacked, effect_jobs } = adapters_job
         .join()
         .map_err(|_| anyhow::anyhow!("reading the adapters failed unexpectedly (a thread panicked)"))??;
     mark("adapter checks done");
@@ -521,7 +521,7 @@ pub fn verify(opts: &Options) -> Result<Vec<Report>> {
             jobs.iter().map(|m| Ok(checks::adapter::check_effect(&rows, m)?.1)).collect()
         })
     };
-    section("attach adapters", &dev, || base.attach(&attach))?;
+    section("attach adapters", &dev, || base.attach_prepared(stacked))?;
     mark("adapters attached");
     let layout = base.cfg.layout.as_str().to_string();
     let mut load_s = t_load.elapsed().as_secs_f64();
@@ -720,11 +720,14 @@ struct Adapters {
     per_adapter: Vec<(Vec<Finding>, AdapterInfo)>,
     /// What `Glm::attach` takes (an adapter that is not applied has no deltas).
     attach: Vec<Vec<(usize, model::Target, model::lora::LoraDelta)>>,
+    /// The same, stacked per linear on the host.
+    stacked: model::glm::PreparedAdapters,
     /// (report, position among its findings, matched pairs) of each effect check to run.
     effect_jobs: Vec<(usize, usize, crate::adapter::Matched)>,
 }
 
-/// Reads the `--adapter` inputs against the base's config (no device needed: runs while it starts).
+/// Reads the `--adapter` inputs against the base's config and stacks their deltas per linear (no
+/// device needed: runs while it starts).
 fn read_adapters(inputs: &[AdapterInput], base_cfg: &model::ModelConfig) -> Result<Adapters> {
     let mut lora_slots: Vec<Option<usize>> = Vec::new();
     let mut per_adapter: Vec<(Vec<Finding>, AdapterInfo)> = Vec::new();
@@ -777,7 +780,8 @@ fn read_adapters(inputs: &[AdapterInput], base_cfg: &model::ModelConfig) -> Resu
             }
         }
     }
-    Ok(Adapters { lora_slots, per_adapter, attach, effect_jobs })
+    let stacked = model::glm::PreparedAdapters::new(base_cfg, &attach)?;
+    Ok(Adapters { lora_slots, per_adapter, attach, stacked, effect_jobs })
 }
 
 /// Runs `f`; when the device runs out of memory, again with every batch limit halved, down to one

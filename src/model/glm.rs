@@ -401,26 +401,21 @@ impl Glm {
 
     /// Attaches adapters for the unmerged side path; adapter k of `adapters` becomes index k
     /// in `RowSelection`. Replaces any adapters attached before. Where the weights were loaded
-    /// with room for these adapters (`load_with_room` with `side_room(adapters)`), their columns are written
-    /// in place and the weights need not have arrived yet.
+    /// with room for these adapters (`load_with_room` with `side_room(adapters)`), their columns are
+    /// written in place and the weights need not have arrived yet.
     pub fn attach(&mut self, adapters: &[Vec<(usize, Target, LoraDelta)>]) -> Result<()> {
-        let dtype = self.dtype;
-        let device = self.device.clone();
-        let mut linears = Vec::new();
-        let mut keys = Vec::new();
-        for li in 0..self.layers.len() {
-            for t in [Target::Qkv, Target::O, Target::GateUp, Target::Down] {
-                let per: Vec<Vec<LoraDelta>> = adapters
-                    .iter()
-                    .map(|ds| ds.iter().filter(|(l, tt, _)| *l == li && *tt == t).map(|(_, _, d)| d.clone()).collect())
-                    .collect();
-                linears.push((self.layers[li].linear(t).out_features(), per));
-                keys.push((li, t));
-            }
+        self.attach_prepared(PreparedAdapters::new(&self.cfg, adapters)?)
+    }
+
+    /// `attach` with the host's share of the work done beforehand (`PreparedAdapters::new`).
+    pub fn attach_prepared(&mut self, prepared: PreparedAdapters) -> Result<()> {
+        let PreparedAdapters { count, keys, stacks } = prepared;
+        if keys.iter().any(|(l, _)| *l >= self.layers.len()) {
+            bail!("adapters prepared for a model of more layers than this one ({})", self.layers.len());
         }
         let stacks: Vec<_> = keys
             .into_iter()
-            .zip(LoraStack::build_all(&linears, dtype, &device)?)
+            .zip(LoraStack::upload_all(stacks, self.dtype, &self.device)?)
             .map(|((l, t), s)| (l, t, s))
             .collect();
         // A linear whose room does not fit its stack is rebuilt from its base weight: wait for it.
@@ -430,7 +425,7 @@ impl Glm {
         for (li, t, stack) in stacks {
             self.layers[li].linear_mut(t).set_lora(stack)?;
         }
-        self.adapters = adapters.len();
+        self.adapters = count;
         Ok(())
     }
 
@@ -817,6 +812,39 @@ impl Glm {
 fn flash_enabled() -> bool {
     static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *ON.get_or_init(|| std::env::var_os("GLM4_VERIFY_FLASH").is_none_or(|v| v != "0"))
+}
+
+/// Adapters stacked per linear on the host (f32), ready for `Glm::attach_prepared`: the work that
+/// needs neither the device nor the weights, done while they get ready.
+pub struct PreparedAdapters {
+    count: usize,
+    /// (layer, linear) of each stack, every linear of the model in order.
+    keys: Vec<(usize, Target)>,
+    stacks: Vec<Option<super::lora::HostStack>>,
+}
+
+impl PreparedAdapters {
+    /// `adapters[k]`: adapter k's deltas (as `Glm::attach` takes them) on a model of config `cfg`.
+    pub fn new(cfg: &ModelConfig, adapters: &[Vec<(usize, Target, LoraDelta)>]) -> Result<Self> {
+        let mut keys = Vec::new();
+        let mut stacks = Vec::new();
+        for li in 0..cfg.num_layers {
+            for t in [Target::Qkv, Target::O, Target::GateUp, Target::Down] {
+                let out = match t {
+                    Target::Qkv => cfg.q_out() + 2 * cfg.kv_out(),
+                    Target::O | Target::Down => cfg.hidden_size,
+                    Target::GateUp => 2 * cfg.intermediate_size,
+                };
+                let per: Vec<Vec<LoraDelta>> = adapters
+                    .iter()
+                    .map(|ds| ds.iter().filter(|(l, tt, _)| *l == li && *tt == t).map(|(_, _, d)| d.clone()).collect())
+                    .collect();
+                keys.push((li, t));
+                stacks.push(super::lora::HostStack::build(out, &per)?);
+            }
+        }
+        Ok(PreparedAdapters { count: adapters.len(), keys, stacks })
+    }
 }
 
 /// The columns each linear's input gains on the side path of `adapters` (as `attach` takes them):

@@ -56,37 +56,36 @@ pub struct LoraStack {
 impl LoraStack {
     /// Stacks the deltas of several adapters: `per_adapter[k]` holds adapter k's deltas on this linear.
     pub fn build(out: usize, per_adapter: &[Vec<LoraDelta>], dtype: DType, device: &Device) -> Result<Option<Self>> {
-        Ok(Self::build_all(&[(out, per_adapter.to_vec())], dtype, device)?.pop().flatten())
+        Ok(Self::upload_all(vec![HostStack::build(out, per_adapter)?], dtype, device)?.pop().flatten())
     }
 
-    /// `build` for many linears, `(out, per_adapter)` each. A and B are put together on the host and
-    /// go to the device in one copy: a copy from pageable memory waits behind everything queued on
-    /// the copy engine (a streamed load's weights), so one copy instead of two per linear.
-    pub fn build_all(
-        linears: &[(usize, Vec<Vec<LoraDelta>>)],
-        dtype: DType,
-        device: &Device,
-    ) -> Result<Vec<Option<Self>>> {
-        let host: Vec<_> = linears.iter().map(|(out, per)| host_stack(*out, per, dtype)).collect::<Result<_>>()?;
-        let parts: Vec<Tensor> = host.iter().flatten().flat_map(|(a, b, _)| [a.clone(), b.clone()]).collect();
+    /// Host stacks (`HostStack::build`) on the device in `dtype`. They go in one copy: a copy from
+    /// pageable memory waits behind everything queued on the copy engine (a streamed load's
+    /// weights), so one copy instead of two per linear.
+    pub fn upload_all(stacks: Vec<Option<HostStack>>, dtype: DType, device: &Device) -> Result<Vec<Option<Self>>> {
+        let parts: Vec<Tensor> = stacks
+            .iter()
+            .flatten()
+            .flat_map(|h| [h.a.to_dtype(dtype), h.b.to_dtype(dtype)])
+            .collect::<candle_core::Result<_>>()?;
         let mut moved = to_device_at_once(&parts, device)?.into_iter();
         let mut next = || moved.next().ok_or_else(|| anyhow::anyhow!("LoRA stacks: a tensor went missing"));
-        let mut stacks = Vec::with_capacity(host.len());
-        for (out, h) in linears.iter().map(|(out, _)| *out).zip(host) {
-            let Some((_, _, segments)) = h else {
-                stacks.push(None);
+        let mut out = Vec::with_capacity(stacks.len());
+        for h in stacks {
+            let Some(HostStack { segments, .. }) = h else {
+                out.push(None);
                 continue;
             };
             let (a, mut b) = (next()?, next()?);
-            let rank = a.dim(0)?;
+            let (rows, rank) = b.dims2()?;
             let width = side_width(a.dim(1)?, rank, device);
             if width > rank {
                 // Padded on the device: the zeros are most of B's columns.
-                b = Tensor::cat(&[&b, &Tensor::zeros((out, width - rank), dtype, device)?], 1)?;
+                b = Tensor::cat(&[&b, &Tensor::zeros((rows, width - rank), dtype, device)?], 1)?;
             }
-            stacks.push(Some(LoraStack { a, b, segments, width }));
+            out.push(Some(LoraStack { a, b, segments, width }));
         }
-        Ok(stacks)
+        Ok(out)
     }
 
     pub fn rank(&self) -> usize {
@@ -94,45 +93,50 @@ impl LoraStack {
     }
 }
 
-/// One linear's stack on the host in `dtype`: A [ΣR, in] (scale folded in), B [out, ΣR] and the
-/// adapters' segments; None when no adapter has a delta there.
-fn host_stack(
-    out: usize,
-    per_adapter: &[Vec<LoraDelta>],
-    dtype: DType,
-) -> Result<Option<(Tensor, Tensor, Vec<Segment>)>> {
-    let mut a_rows = Vec::new();
-    let mut b_cols: Vec<Tensor> = Vec::new();
-    let mut segments = Vec::new();
-    let mut start = 0;
-    let cpu = &Device::Cpu;
-    for (k, deltas) in per_adapter.iter().enumerate() {
-        let seg_start = start;
-        for d in deltas {
-            let (len, r) = d.b.dims2()?;
-            a_rows.push((d.a.to_device(cpu)?.to_dtype(DType::F32)? * d.scale)?);
-            // Place B in its output rows, zero elsewhere (block-diagonal for fused q/k/v parts).
-            let mut parts = Vec::new();
-            if d.out_start > 0 {
-                parts.push(Tensor::zeros((d.out_start, r), DType::F32, cpu)?);
+/// One linear's stacked deltas on the host, in f32, before they go to the device (`LoraStack::upload_all`).
+pub struct HostStack {
+    /// [ΣR, in], scale folded in.
+    a: Tensor,
+    /// [out, ΣR]
+    b: Tensor,
+    segments: Vec<Segment>,
+}
+
+impl HostStack {
+    /// Stacks `per_adapter[k]`, adapter k's deltas on a linear of `out` outputs; None when no adapter
+    /// has a delta there. Host work only, so it can run before the device is ready.
+    pub fn build(out: usize, per_adapter: &[Vec<LoraDelta>]) -> Result<Option<Self>> {
+        let mut a_rows = Vec::new();
+        let mut b_cols: Vec<Tensor> = Vec::new();
+        let mut segments = Vec::new();
+        let mut start = 0;
+        let cpu = &Device::Cpu;
+        for (k, deltas) in per_adapter.iter().enumerate() {
+            let seg_start = start;
+            for d in deltas {
+                let (len, r) = d.b.dims2()?;
+                a_rows.push((d.a.to_device(cpu)?.to_dtype(DType::F32)? * d.scale)?);
+                // Place B in its output rows, zero elsewhere (block-diagonal for fused q/k/v parts).
+                let mut parts = Vec::new();
+                if d.out_start > 0 {
+                    parts.push(Tensor::zeros((d.out_start, r), DType::F32, cpu)?);
+                }
+                parts.push(d.b.to_device(cpu)?.to_dtype(DType::F32)?);
+                if d.out_start + len < out {
+                    parts.push(Tensor::zeros((out - d.out_start - len, r), DType::F32, cpu)?);
+                }
+                b_cols.push(Tensor::cat(&parts, 0)?);
+                start += r;
             }
-            parts.push(d.b.to_device(cpu)?.to_dtype(DType::F32)?);
-            if d.out_start + len < out {
-                parts.push(Tensor::zeros((out - d.out_start - len, r), DType::F32, cpu)?);
+            if start > seg_start {
+                segments.push(Segment { adapter: k, start: seg_start, len: start - seg_start });
             }
-            b_cols.push(Tensor::cat(&parts, 0)?);
-            start += r;
         }
-        if start > seg_start {
-            segments.push(Segment { adapter: k, start: seg_start, len: start - seg_start });
+        if segments.is_empty() {
+            return Ok(None);
         }
+        Ok(Some(HostStack { a: Tensor::cat(&a_rows, 0)?, b: Tensor::cat(&b_cols, 1)?, segments }))
     }
-    if segments.is_empty() {
-        return Ok(None);
-    }
-    let a = Tensor::cat(&a_rows, 0)?.to_dtype(dtype)?;
-    let b = Tensor::cat(&b_cols, 1)?.to_dtype(dtype)?;
-    Ok(Some((a, b, segments)))
 }
 
 /// Host tensors of one dtype on `device` in one copy (views of one buffer there).
