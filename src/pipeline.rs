@@ -416,12 +416,19 @@ fn fit_context(prepared: Vec<Prepared>, ctx: usize, findings: &mut Vec<Finding>)
 }
 
 /// Tokens that only format the answer: special tokens and whitespace-only pieces.
-fn formatting_mask(tok: &GlmTokenizer, ids: &[u32]) -> Vec<bool> {
-    ids.iter()
-        .map(|&id| {
-            let special = crate::tokenizer::SPECIALS.iter().any(|s| tok.special(s).ok() == Some(id));
-            special || tok.decode(&[id], false).map(|s| s.trim().is_empty()).unwrap_or(false)
+/// Per target token of each sample: true for formatting tokens (whitespace-only or special). Each
+/// distinct token is decoded once (a sample's targets repeat tokens, and samples share them).
+fn formatting_masks(tok: &GlmTokenizer, prepared: &[Prepared]) -> Vec<Vec<bool>> {
+    let specials: Vec<u32> = crate::tokenizer::SPECIALS.iter().filter_map(|s| tok.special(s).ok()).collect();
+    let mut known: std::collections::HashMap<u32, bool> = std::collections::HashMap::new();
+    let mut formatting = |id: u32| {
+        *known.entry(id).or_insert_with(|| {
+            specials.contains(&id) || tok.decode(&[id], false).map(|s| s.trim().is_empty()).unwrap_or(false)
         })
+    };
+    prepared
+        .iter()
+        .map(|p| p.encoded.labels.iter().skip(1).filter(|&&l| l != IGNORE).map(|&l| formatting(l as u32)).collect())
         .collect()
 }
 
@@ -551,9 +558,16 @@ pub fn verify(opts: &Options) -> Result<Vec<Report>> {
         variants.len()
     ));
     // Generation continues from the scoring pass's prompt caches (see score_and_generate).
-    let out = with_memory_retry(lim, &dev, &mut common, |lim| {
-        score_and_generate(&base, &items, &prompts, &max_new, &variants, lim, gen_opts)
-    })?;
+    // The reports' formatting masks (host work) meanwhile.
+    let (out, masks) = std::thread::scope(|s| {
+        let masks = s.spawn(|| formatting_masks(&tok, &prepared));
+        let out = with_memory_retry(lim, &dev, &mut common, |lim| {
+            score_and_generate(&base, &items, &prompts, &max_new, &variants, lim, gen_opts)
+        });
+        (out, masks.join())
+    });
+    let out = out?;
+    let masks = masks.map_err(|_| anyhow!("marking formatting tokens failed unexpectedly (a thread panicked)"))?;
     let (mut lp, mut gens, mut score_s, mut generate_s) = (out.scores, out.gens, out.score_s, out.generate_s);
     // A stopped run (Ctrl-C, --timeout) reports the samples that finished, as incomplete.
     let (base_complete, mut stopped) = (out.complete, out.stopped);
@@ -645,21 +659,17 @@ pub fn verify(opts: &Options) -> Result<Vec<Report>> {
             .iter()
             .enumerate()
             .filter(|(i, _)| done[*i])
-            .map(|(i, p)| {
-                let targets: Vec<u32> =
-                    p.encoded.labels.iter().skip(1).filter(|&&l| l != IGNORE).map(|&l| l as u32).collect();
-                Measured {
-                    source: p.row.source.display().to_string(),
-                    line: p.row.line,
-                    target: p.answer.clone(),
-                    lp_base: base_lp[i].clone(),
-                    lp_tuned: tl[i].clone(),
-                    formatting: formatting_mask(&tok, &targets),
-                    gen_base: decode(&base_gen[i]),
-                    gen_tuned: decode(&tg[i]),
-                    gen_base_ids: base_gen[i].clone(),
-                    gen_tuned_ids: tg[i].clone(),
-                }
+            .map(|(i, p)| Measured {
+                source: p.row.source.display().to_string(),
+                line: p.row.line,
+                target: p.answer.clone(),
+                lp_base: base_lp[i].clone(),
+                lp_tuned: tl[i].clone(),
+                formatting: masks[i].clone(),
+                gen_base: decode(&base_gen[i]),
+                gen_tuned: decode(&tg[i]),
+                gen_base_ids: base_gen[i].clone(),
+                gen_tuned_ids: tg[i].clone(),
             })
             .collect();
         let (summary, samples) = summarize(&measured);
