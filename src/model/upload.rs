@@ -197,9 +197,10 @@ impl Copies {
                 anyhow!("no free weight upload buffer (more threads than buffers: GLM4_VERIFY_UPLOAD)")
             })?;
             let r = (|| -> Result<()> {
-                buf.done.synchronize()?; // the GPU has finished reading this buffer
-                                         // SAFETY: the buffer holds at least a chunk (≥ len bytes) of pinned memory and is not
-                                         // in use by the GPU (waited above) nor by another thread (taken out of the pool).
+                // The GPU has finished reading this buffer.
+                buf.done.synchronize()?;
+                // SAFETY: the buffer holds at least a chunk (≥ len bytes) of pinned memory and is not
+                // in use by the GPU (waited above) nor by another thread (taken out of the pool).
                 let host = unsafe { std::slice::from_raw_parts_mut(buf.host.as_mut_ptr()?, len) };
                 host.copy_from_slice(src);
                 // SAFETY: the destination tensor has room for these rows at these offsets (`Streamed`
