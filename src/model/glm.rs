@@ -343,6 +343,7 @@ impl Glm {
     pub fn dtype(&self) -> DType {
         self.dtype
     }
+
     /// Weights still arriving from a streamed load (`model::load_streamed`).
     pub fn set_pending(&mut self, pending: Arc<dyn Pending>) {
         self.pending = Some(pending);
