@@ -27,6 +27,18 @@ pub enum Target {
     Down,
 }
 
+impl Target {
+    /// The linear's weight shape [out, in] in a model of config `c`.
+    fn dims(self, c: &ModelConfig) -> [usize; 2] {
+        match self {
+            Target::Qkv => [c.q_out() + 2 * c.kv_out(), c.hidden_size],
+            Target::O => [c.hidden_size, c.q_out()],
+            Target::GateUp => [2 * c.intermediate_size, c.hidden_size],
+            Target::Down => [c.hidden_size, c.intermediate_size],
+        }
+    }
+}
+
 struct Layer {
     input_norm: Tensor,
     post_attn_norm: Tensor,
@@ -216,6 +228,8 @@ impl Glm {
             let extra = room.get(&(layer, t)).copied().unwrap_or(0);
             Linear::with_room(weights.load_stacked(parts, extra, dtype, device)?, bias, extra)
         };
+        // A linear stored as one tensor, without bias.
+        let one = |layer: usize, t: Target, name: String| lin(layer, t, &[(&name, &t.dims(c))], None);
         let last_part = c.num_layers + 1;
         weights.begin_part(0);
         let (embed_name, norm_name, head_name) = match c.layout {
@@ -233,7 +247,7 @@ impl Glm {
             weights.begin_part(last_part);
             ld(head_name, &[c.vocab_size, h])?
         };
-        let qkv_out = c.q_out() + 2 * c.kv_out();
+        let [qkv_out, _] = Target::Qkv.dims(c);
         let mut layers = Vec::with_capacity(c.num_layers);
         for i in 0..c.num_layers {
             weights.begin_part(1 + i);
@@ -252,19 +266,9 @@ impl Glm {
                             &[(&format!("{p}self_attention.query_key_value.weight"), &[qkv_out, h])],
                             if c.qkv_bias { Some(ld(&bias_name, &[qkv_out])?) } else { None },
                         )?,
-                        o: lin(i, Target::O, &[(&format!("{p}self_attention.dense.weight"), &[h, c.q_out()])], None)?,
-                        gate_up: lin(
-                            i,
-                            Target::GateUp,
-                            &[(&format!("{p}mlp.dense_h_to_4h.weight"), &[2 * c.intermediate_size, h])],
-                            None,
-                        )?,
-                        down: lin(
-                            i,
-                            Target::Down,
-                            &[(&format!("{p}mlp.dense_4h_to_h.weight"), &[h, c.intermediate_size])],
-                            None,
-                        )?,
+                        o: one(i, Target::O, format!("{p}self_attention.dense.weight"))?,
+                        gate_up: one(i, Target::GateUp, format!("{p}mlp.dense_h_to_4h.weight"))?,
+                        down: one(i, Target::Down, format!("{p}mlp.dense_4h_to_h.weight"))?,
                     }
                 }
                 Layout::Glm | Layout::Glm4 => {
@@ -297,19 +301,9 @@ impl Glm {
                             None
                         },
                         qkv: lin(i, Target::Qkv, &named(&qkv_weights), bias)?,
-                        o: lin(i, Target::O, &[(&format!("{p}self_attn.o_proj.weight"), &[h, c.q_out()])], None)?,
-                        gate_up: lin(
-                            i,
-                            Target::GateUp,
-                            &[(&format!("{p}mlp.gate_up_proj.weight"), &[2 * c.intermediate_size, h])],
-                            None,
-                        )?,
-                        down: lin(
-                            i,
-                            Target::Down,
-                            &[(&format!("{p}mlp.down_proj.weight"), &[h, c.intermediate_size])],
-                            None,
-                        )?,
+                        o: one(i, Target::O, format!("{p}self_attn.o_proj.weight"))?,
+                        gate_up: one(i, Target::GateUp, format!("{p}mlp.gate_up_proj.weight"))?,
+                        down: one(i, Target::Down, format!("{p}mlp.down_proj.weight"))?,
                     }
                 }
             };
@@ -831,11 +825,7 @@ impl PreparedAdapters {
         let mut stacks = Vec::new();
         for li in 0..cfg.num_layers {
             for t in [Target::Qkv, Target::O, Target::GateUp, Target::Down] {
-                let out = match t {
-                    Target::Qkv => cfg.q_out() + 2 * cfg.kv_out(),
-                    Target::O | Target::Down => cfg.hidden_size,
-                    Target::GateUp => 2 * cfg.intermediate_size,
-                };
+                let [out, _] = t.dims(cfg);
                 let per: Vec<Vec<LoraDelta>> = adapters
                     .iter()
                     .map(|ds| ds.iter().filter(|(l, tt, _)| *l == li && *tt == t).map(|(_, _, d)| d.clone()).collect())
