@@ -252,7 +252,7 @@ mod tests {
         ModelConfig::from_json(&v).expect("config")
     }
 
-    /// The loss reaches every A and B through `Glm::attach` (LoraStack::build scales, zero-pads and
+    /// The loss reaches every A and B through `Glm::attach` (HostStack::build scales, zero-pads and
     /// concatenates them: all differentiable ops, and a same-dtype `to_dtype` keeps the graph).
     #[test]
     fn gradients_reach_every_lora_var() {

@@ -54,11 +54,6 @@ pub struct LoraStack {
 }
 
 impl LoraStack {
-    /// Stacks the deltas of several adapters: `per_adapter[k]` holds adapter k's deltas on this linear.
-    pub fn build(out: usize, per_adapter: &[Vec<LoraDelta>], dtype: DType, device: &Device) -> Result<Option<Self>> {
-        Ok(Self::upload_all(vec![HostStack::build(out, per_adapter)?], dtype, device)?.pop().flatten())
-    }
-
     /// Host stacks (`HostStack::build`) on the device in `dtype`. They go in one copy: a copy from
     /// pageable memory waits behind everything queued on the copy engine (a streamed load's
     /// weights), so one copy instead of two per linear.
