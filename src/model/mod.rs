@@ -9,7 +9,7 @@ pub mod glm;
 pub mod lora;
 pub mod profile;
 #[cfg(feature = "cuda")]
-pub mod upload;
+mod upload;
 pub mod weights;
 
 use std::collections::HashMap;

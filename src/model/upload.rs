@@ -307,9 +307,11 @@ pub fn upload(
 pub struct Streamed<'w> {
     weights: &'w Weights,
     dev: CudaDevice,
+    /// The part the tensors loaded now belong to (`TensorSource::begin_part`).
     part: Cell<usize>,
-    /// (part, copies of one tensor); the tensors stay alive in the model.
+    /// Every tensor's copies, in load order (the tensors themselves live in the model).
     copies: RefCell<Copies>,
+    /// (part, that tensor's units in `copies`) per tensor.
     parts: RefCell<Vec<(usize, std::ops::Range<usize>)>>,
 }
 
@@ -329,8 +331,8 @@ impl<'w> Streamed<'w> {
     pub fn start(self) -> Result<Arc<Gate>> {
         let main = self.dev.cuda_stream();
         let ctx = main.context().clone();
-        // Parts in order: units of part 0 first, and so on (tensors were loaded in model order, but
-        // the output layer comes second in the files' order and last in the forward pass).
+        // Parts in order: units of part 0 first, and so on (`Glm::load_with_room` loads the output
+        // layer second, but the forward pass needs it last).
         let mut copies = self.copies.into_inner();
         let mut spans = self.parts.into_inner();
         spans.sort_by_key(|(p, _)| *p);
@@ -405,7 +407,7 @@ impl TensorSource for Streamed<'_> {
         let from = copies.units.len();
         let mut row = 0;
         for (name, shape) in parts {
-            let (map, range, _, file) = w.raw(name)?;
+            let (map, range, file) = w.raw(name)?;
             if range.len() != shape.iter().product::<usize>() * size {
                 bail!("{}: tensor {name} ({dtype:?} {shape:?}) does not fit its {} bytes", file.display(), range.len());
             }

@@ -355,10 +355,10 @@ impl Weights {
         }
     }
 
-    /// Where tensor `name`'s bytes lie: its file's map, the byte range in it, its dtype and the file.
-    pub fn raw(&self, name: &str) -> Result<(Arc<Mmap>, std::ops::Range<usize>, DType, &Path)> {
+    /// Where tensor `name`'s bytes lie: its file's map, the byte range in it, and the file.
+    pub fn raw(&self, name: &str) -> Result<(Arc<Mmap>, std::ops::Range<usize>, &Path)> {
         let e = self.entry(name)?;
-        Ok((self.maps[e.file].clone(), e.start..e.end, e.dtype, &self.files[e.file]))
+        Ok((self.maps[e.file].clone(), e.start..e.end, &self.files[e.file]))
     }
 
     /// The first tensor (by name) holding NaN or Inf: read one at a time, for error messages.
