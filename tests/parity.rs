@@ -162,7 +162,8 @@ fn small_batches_give_the_same_numbers_as_large_ones() {
     let mut m = load("base");
     m.attach(&[adapter_deltas(&m, "good")]).unwrap();
     let big = score_targets(&m, &it, &[None, Some(0)], BatchLimits::default()).unwrap();
-    let tiny = BatchLimits { max_rows: 2, max_tokens: 64, max_logit_rows: 7, max_cache_tokens: 1 << 16 };
+    let tiny =
+        BatchLimits { max_rows: 2, max_tokens: 64, max_logit_rows: 7, max_cache_tokens: 1 << 16, first_passes: 1 };
     let small = score_targets(&m, &it, &[None, Some(0)], tiny).unwrap();
     for (a, b) in big.iter().flatten().flatten().zip(small.iter().flatten().flatten()) {
         assert!((a - b).abs() < 1e-4);
@@ -170,7 +171,8 @@ fn small_batches_give_the_same_numbers_as_large_ones() {
     // Prefill in chunks of 2 rows, decode all rows together: the same greedy ids.
     let prompts: Vec<Vec<u32>> = refj["samples"].as_array().unwrap().iter().map(|s| ids(&s["prompt_ids"])).collect();
     let max_new = vec![24; prompts.len()];
-    let chunked = BatchLimits { max_rows: 64, max_tokens: 40, max_logit_rows: 7, max_cache_tokens: 1 << 16 };
+    let chunked =
+        BatchLimits { max_rows: 64, max_tokens: 40, max_logit_rows: 7, max_cache_tokens: 1 << 16, first_passes: 1 };
     let a = generate(&m, &prompts, &max_new, &[None, Some(0)], BatchLimits::default(), GenOptions::default()).unwrap();
     let b = generate(&m, &prompts, &max_new, &[None, Some(0)], chunked, GenOptions::default()).unwrap();
     assert_eq!(a, b);
@@ -182,13 +184,22 @@ fn small_batches_give_the_same_numbers_as_large_ones() {
     prompts2[3].push(0);
     let mut want =
         generate(&m, &prompts2, &max_new, &[None, Some(0)], BatchLimits::default(), GenOptions::default()).unwrap();
-    let groups = BatchLimits { max_rows: 8, max_tokens: 60, max_logit_rows: 7, max_cache_tokens: 400 };
+    let groups = BatchLimits { max_rows: 8, max_tokens: 60, max_logit_rows: 7, max_cache_tokens: 400, first_passes: 1 };
     let both =
         score_and_generate(&m, &it, &prompts2, &max_new, &[None, Some(0)], groups, GenOptions::default()).unwrap();
     for (a, b) in big.iter().flatten().flatten().zip(both.scores.iter().flatten().flatten()) {
         assert!((a - b).abs() < 1e-4);
     }
     assert_eq!(want, both.gens);
+    // The first passes run together, layer by layer (as while weights stream in): the same bits,
+    // and a first group cut where a decode group would overflow (max_rows 8: two 2-sample batches).
+    for first in [3, 50] {
+        let layered = BatchLimits { first_passes: first, ..groups };
+        let l =
+            score_and_generate(&m, &it, &prompts2, &max_new, &[None, Some(0)], layered, GenOptions::default()).unwrap();
+        assert_eq!(l.scores, both.scores, "first_passes {first}: log-probs");
+        assert_eq!(l.gens, both.gens, "first_passes {first}: greedy ids");
+    }
     // max_new = 0 generates nothing for that sample.
     let mut none = max_new.clone();
     none[0] = 0;

@@ -99,7 +99,6 @@ impl Drop for Glm {
     }
 }
 
-/// What every layer of one forward pass shares: RoPE tables, attention mask, row selection.
 /// Positions the last layer keeps after attention (`Glm::forward_at`): flat indices [N] u32 and
 /// each one's row selection.
 struct Keep {
@@ -107,6 +106,33 @@ struct Keep {
     sel: RowSelection,
 }
 
+/// The inputs of one forward pass (`Glm::forward_many`).
+pub struct PassInput<'a> {
+    /// [B, T] token ids
+    pub ids: &'a Tensor,
+    /// Each row's left padding over the whole sequence (cache + ids).
+    pub pad: &'a [usize],
+    pub sel: &'a RowSelection,
+    pub cache: Option<&'a mut Cache>,
+    /// Flat positions whose hidden states are returned (as `Glm::forward_at`); None: all.
+    pub keep: Option<&'a [u32]>,
+}
+
+/// A forward pass under way: the residual stream after the layers run so far.
+struct Pass<'a> {
+    ctx: Step<'a>,
+    x: Tensor,
+    /// The last layer's MLP output, not yet added to `x` (see `Glm::layer`).
+    pending: Option<Tensor>,
+    cache: Option<&'a mut Cache>,
+    keep: Option<Keep>,
+    /// `keep` was empty: the output is [0, 1, H].
+    empty: bool,
+    /// The cache's length after the pass.
+    len: usize,
+}
+
+/// What every layer of one forward pass shares: RoPE tables, attention mask, row selection.
 struct Step<'a> {
     /// [B, T, rotary_dim/2]
     cos: Tensor,
@@ -404,15 +430,16 @@ impl Glm {
 
     /// `attach` with the host's share of the work done beforehand (`PreparedAdapters::new`).
     pub fn attach_prepared(&mut self, prepared: PreparedAdapters) -> Result<()> {
-        let PreparedAdapters { count, keys, stacks } = prepared;
+        let PreparedAdapters { count, keys, stacks, flat } = prepared;
         if keys.iter().any(|(l, _)| *l >= self.layers.len()) {
             bail!("adapters prepared for a model of more layers than this one ({})", self.layers.len());
         }
         let stacks: Vec<_> = keys
             .into_iter()
-            .zip(LoraStack::upload_all(stacks, self.dtype, &self.device)?)
+            .zip(LoraStack::upload_all(stacks, flat, self.dtype, &self.device)?)
             .map(|((l, t), s)| (l, t, s))
             .collect();
+        profile::mark("adapter stacks copied");
         // A linear whose room does not fit its stack is rebuilt from its base weight: wait for it.
         if stacks.iter().any(|(li, t, s)| !self.layers[*li].linear(*t).fits(s.as_ref())) {
             self.wait_for_weights()?;
@@ -438,7 +465,7 @@ impl Glm {
         sel: &RowSelection,
         cache: Option<&mut Cache>,
     ) -> Result<Tensor> {
-        self.forward_inner(ids, pad, sel, cache, None)
+        self.forward_one(PassInput { ids, pad, sel, cache, keep: None })
     }
 
     /// As `forward`, but the hidden states only at flat positions `keep` (b·T + t, ascending):
@@ -453,42 +480,62 @@ impl Glm {
         cache: Option<&mut Cache>,
         keep: &[u32],
     ) -> Result<Tensor> {
-        let (b, t) = ids.dims2()?;
-        if let Some(&p) = keep.iter().find(|&&p| p as usize >= b * t) {
-            bail!("position {p} is outside a batch of {b} × {t}");
-        }
-        if keep.is_empty() {
-            if cache.is_some() {
-                self.forward_inner(ids, pad, sel, cache, None)?; // the cache still fills
-            }
+        if keep.is_empty() && cache.is_none() {
             return Ok(Tensor::zeros((0, 1, self.cfg.hidden_size), self.dtype, &self.device)?);
         }
-        let rows = sel.rows();
-        let kept_sel: Vec<_> = keep.iter().map(|&p| rows.get(p as usize / t).copied().flatten()).collect();
-        let kept = Keep {
-            idx: Tensor::from_slice(keep, keep.len(), &self.device)?,
-            sel: RowSelection::new(kept_sel, &self.device, self.dtype),
-        };
-        self.forward_inner(ids, pad, sel, cache, Some(&kept))
+        self.forward_one(PassInput { ids, pad, sel, cache, keep: Some(keep) })
     }
 
-    fn forward_inner(
-        &self,
-        ids: &Tensor,
-        pad: &[usize],
-        sel: &RowSelection,
-        mut cache: Option<&mut Cache>,
-        keep: Option<&Keep>,
-    ) -> Result<Tensor> {
+    fn forward_one(&self, input: PassInput<'_>) -> Result<Tensor> {
+        let mut out = self.forward_many(vec![input])?;
+        out.pop().ok_or_else(|| anyhow::anyhow!("internal: a forward pass without its output"))
+    }
+
+    /// Several forward passes (each as `forward`, or `forward_at` with `keep`) run layer by layer:
+    /// every pass through layer 0, then every pass through layer 1, and so on. The same work and
+    /// the same numbers as one pass after the other, in another order: while a streamed load's
+    /// weights still arrive, the device has every pass's work for a layer as soon as it lands,
+    /// instead of idling between layers.
+    pub fn forward_many(&self, inputs: Vec<PassInput<'_>>) -> Result<Vec<Tensor>> {
+        self.ready(0)?;
+        let mut passes = inputs.into_iter().map(|i| self.begin(i)).collect::<Result<Vec<_>>>()?;
+        let last = self.layers.len().saturating_sub(1);
+        for (i, layer) in self.layers.iter().enumerate() {
+            self.ready(1 + i)?;
+            for p in passes.iter_mut() {
+                let kv = p.cache.as_deref_mut().map(|c| (c, i));
+                let keep = p.keep.as_ref().filter(|_| i == last);
+                let (nx, d) = self.layer(layer, &p.x, p.pending.as_ref(), &p.ctx, kv, keep)?;
+                (p.x, p.pending) = (nx, Some(d));
+            }
+        }
+        passes.into_iter().map(|p| self.finish(p)).collect()
+    }
+
+    /// A pass's embeddings and what its layers share.
+    fn begin<'a>(&self, input: PassInput<'a>) -> Result<Pass<'a>> {
+        let PassInput { ids, pad, sel, cache, keep } = input;
         let (b, t) = ids.dims2()?;
         if pad.len() != b || sel.rows().len() != b {
             bail!("batch of {b} rows with {} paddings and {} row selections", pad.len(), sel.rows().len());
         }
+        // No position kept: the layers run in full (the cache still fills) and the output is empty.
+        let (keep, empty) = match keep {
+            Some([]) => (None, true),
+            Some(k) => {
+                if let Some(&p) = k.iter().find(|&&p| p as usize >= b * t) {
+                    bail!("position {p} is outside a batch of {b} × {t}");
+                }
+                let rows = sel.rows();
+                let kept_sel: Vec<_> = k.iter().map(|&p| rows.get(p as usize / t).copied().flatten()).collect();
+                let idx = Tensor::from_slice(k, k.len(), &self.device)?;
+                (Some(Keep { idx, sel: RowSelection::new(kept_sel, &self.device, self.dtype) }), false)
+            }
+            None => (None, false),
+        };
         let offset = cache.as_ref().map(|c| c.len).unwrap_or(0);
-        let s = offset + t;
         let dev = &self.device;
-        self.ready(0)?;
-        let (ctx, mut x) = profile::section("embed_rope", dev, || {
+        let (ctx, x) = profile::section("embed_rope", dev, || {
             let (cos, sin) = self.rope(pad, offset, t)?;
             let (mask, pads) = if self.fused() {
                 let p: Vec<u32> = pad.iter().map(|&p| p as u32).collect();
@@ -499,19 +546,20 @@ impl Glm {
             let ctx = Step { cos, sin, mask, pads, sel };
             Ok((ctx, self.embed.embedding(&ids.flatten_all()?)?.reshape((b, t, self.cfg.hidden_size))?))
         })?;
-        let mut pending = None;
-        let last = self.layers.len().saturating_sub(1);
-        for (i, layer) in self.layers.iter().enumerate() {
-            self.ready(1 + i)?;
-            let kv = cache.as_deref_mut().map(|c| (c, i));
-            let (nx, d) = self.layer(layer, &x, pending.as_ref(), &ctx, kv, keep.filter(|_| i == last))?;
-            (x, pending) = (nx, Some(d));
+        Ok(Pass { ctx, x, pending: None, cache, keep, empty, len: offset + t })
+    }
+
+    /// A pass's last hidden states, after its last layer.
+    fn finish(&self, p: Pass<'_>) -> Result<Tensor> {
+        let mut x = p.x;
+        if let Some(d) = p.pending {
+            x = profile::section("norm_residual", &self.device, || Ok((x + d)?))?;
         }
-        if let Some(d) = pending {
-            x = profile::section("norm_residual", dev, || Ok((x + d)?))?;
+        if let Some(c) = p.cache {
+            c.len = p.len;
         }
-        if let Some(c) = cache {
-            c.len = s;
+        if p.empty {
+            return Ok(Tensor::zeros((0, 1, self.cfg.hidden_size), self.dtype, &self.device)?);
         }
         Ok(x)
     }
@@ -816,6 +864,8 @@ pub struct PreparedAdapters {
     /// (layer, linear) of each stack, every linear of the model in order.
     keys: Vec<(usize, Target)>,
     stacks: Vec<Option<super::lora::HostStack>>,
+    /// The stacks laid out for the upload in a foreseen dtype (`in_dtype`).
+    flat: Option<super::lora::FlatStacks>,
 }
 
 impl PreparedAdapters {
@@ -834,7 +884,15 @@ impl PreparedAdapters {
                 stacks.push(super::lora::HostStack::build(out, &per)?);
             }
         }
-        Ok(PreparedAdapters { count: adapters.len(), keys, stacks })
+        Ok(PreparedAdapters { count: adapters.len(), keys, stacks, flat: None })
+    }
+
+    /// Also lays the stacks out for a CUDA upload in `dtype`, the run's likely dtype: attaching in
+    /// that dtype then only copies them (converting ~40 MB of stacks on a 9B model takes tens of
+    /// milliseconds of the host, which otherwise come after the device has started).
+    pub fn in_dtype(mut self, dtype: DType) -> Result<Self> {
+        self.flat = Some(super::lora::HostStack::flatten(&self.stacks, dtype)?);
+        Ok(self)
     }
 }
 

@@ -56,14 +56,35 @@ pub struct LoraStack {
 impl LoraStack {
     /// Host stacks (`HostStack::build`) on the device in `dtype`. They go in one copy: a copy from
     /// pageable memory waits behind everything queued on the copy engine (a streamed load's
-    /// weights), so one copy instead of two per linear.
-    pub fn upload_all(stacks: Vec<Option<HostStack>>, dtype: DType, device: &Device) -> Result<Vec<Option<Self>>> {
-        let parts: Vec<Tensor> = stacks
-            .iter()
-            .flatten()
-            .flat_map(|h| [h.a.to_dtype(dtype), h.b.to_dtype(dtype)])
-            .collect::<candle_core::Result<_>>()?;
-        let mut moved = to_device_at_once(&parts, device)?.into_iter();
+    /// weights), so one copy instead of two per linear. `flat`: the stacks already laid out for
+    /// that copy (`HostStack::flatten`), used when in `dtype`.
+    pub fn upload_all(
+        stacks: Vec<Option<HostStack>>,
+        flat: Option<FlatStacks>,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Vec<Option<Self>>> {
+        let moved = if device.is_cuda() {
+            let flat = match flat {
+                Some(f) if f.dtype == dtype => f,
+                _ => HostStack::flatten(&stacks, dtype)?,
+            };
+            let all = flat.all.to_device(device)?;
+            let mut at = 0;
+            let mut parts = Vec::new();
+            for h in stacks.iter().flatten() {
+                for t in [&h.a, &h.b] {
+                    let n = t.elem_count();
+                    parts.push(all.narrow(0, at, n)?.reshape(t.shape())?);
+                    at += n;
+                }
+            }
+            parts
+        } else {
+            let parts = stacks.iter().flatten().flat_map(|h| [&h.a, &h.b]);
+            parts.map(|t| t.to_dtype(dtype)?.to_device(device)).collect::<candle_core::Result<_>>()?
+        };
+        let mut moved = moved.into_iter();
         let mut next = || moved.next().ok_or_else(|| anyhow::anyhow!("LoRA stacks: a tensor went missing"));
         let mut out = Vec::with_capacity(stacks.len());
         for h in stacks {
@@ -134,21 +155,27 @@ impl HostStack {
     }
 }
 
-/// Host tensors of one dtype on `device` in one copy (views of one buffer there).
-fn to_device_at_once(ts: &[Tensor], device: &Device) -> Result<Vec<Tensor>> {
-    if !device.is_cuda() || ts.is_empty() {
-        return Ok(ts.iter().map(|t| t.to_device(device)).collect::<candle_core::Result<_>>()?);
+/// Every stack's A then B, in a dtype, one after the other in one host buffer: what
+/// `LoraStack::upload_all` copies to the device.
+pub struct FlatStacks {
+    dtype: DType,
+    /// 1-D, on the host
+    all: Tensor,
+}
+
+impl HostStack {
+    /// `stacks` laid out for `LoraStack::upload_all` in `dtype` (host work: a thread can do it
+    /// before the device is ready, when the run's dtype can be foreseen).
+    pub fn flatten(stacks: &[Option<HostStack>], dtype: DType) -> Result<FlatStacks> {
+        let parts: Vec<Tensor> = stacks
+            .iter()
+            .flatten()
+            .flat_map(|h| [&h.a, &h.b])
+            .map(|t| t.flatten_all()?.to_dtype(dtype))
+            .collect::<candle_core::Result<_>>()?;
+        let all = if parts.is_empty() { Tensor::zeros(0, dtype, &Device::Cpu)? } else { Tensor::cat(&parts, 0)? };
+        Ok(FlatStacks { dtype, all })
     }
-    let flat: Vec<Tensor> = ts.iter().map(|t| t.flatten_all()).collect::<candle_core::Result<_>>()?;
-    let all = Tensor::cat(&flat, 0)?.to_device(device)?;
-    let mut at = 0;
-    let mut out = Vec::with_capacity(ts.len());
-    for t in ts {
-        let n = t.elem_count();
-        out.push(all.narrow(0, at, n)?.reshape(t.shape())?);
-        at += n;
-    }
-    Ok(out)
 }
 
 /// The side path's columns for a linear of `inp` inputs and stacked rank `rank` (`LoraStack::width`).

@@ -4,7 +4,7 @@
 use anyhow::{bail, Result};
 use candle_core::{Device, Tensor};
 
-use crate::model::glm::{Cache, Glm};
+use crate::model::glm::{Cache, Glm, PassInput};
 use crate::model::lora::RowSelection;
 use crate::model::profile;
 use crate::tokenizer::recipe::IGNORE;
@@ -26,11 +26,21 @@ pub struct BatchLimits {
     /// rows × (prompt + new tokens) of the KV caches kept for one decode group: bounds the memory
     /// held between scoring a prompt and generating from it.
     pub max_cache_tokens: usize,
+    /// Scoring passes run together, layer by layer, at the start (`Glm::forward_many`): while a
+    /// streamed load's weights still arrive, the device then has work for each layer as it lands.
+    /// 1: one pass at a time. Changes the order of the work, not its numbers.
+    pub first_passes: usize,
 }
 
 impl Default for BatchLimits {
     fn default() -> Self {
-        BatchLimits { max_rows: 64, max_tokens: 16384, max_logit_rows: 4096, max_cache_tokens: 1 << 16 }
+        BatchLimits {
+            max_rows: 64,
+            max_tokens: 16384,
+            max_logit_rows: 4096,
+            max_cache_tokens: 1 << 16,
+            first_passes: 1,
+        }
     }
 }
 
@@ -44,6 +54,7 @@ impl BatchLimits {
             max_tokens: h(self.max_tokens),
             max_logit_rows: h(self.max_logit_rows),
             max_cache_tokens: h(self.max_cache_tokens),
+            first_passes: self.first_passes,
         };
         let same = next.max_rows == self.max_rows
             && next.max_tokens == self.max_tokens
@@ -172,7 +183,7 @@ pub fn score_targets(
     let lengths: Vec<(usize, usize)> = todo.iter().map(|&i| (0, used[i])).collect();
     for batch in plan(&lengths, variants.len(), lim) {
         let batch: Vec<(usize, usize)> = batch.iter().map(|&b| (todo[b], 0)).collect();
-        score_batch(model, items, &used, &batch, variants, lim, false, &mut out)?;
+        score_batches(model, items, &used, &[batch], variants, lim, false, &mut out)?;
     }
     Ok(out)
 }
@@ -205,21 +216,39 @@ struct Pending {
     first: Vec<u32>,
 }
 
-/// Scores one batch of `(item, head length)` rows (one row per variant). With `keep`, the rows'
-/// heads are the generation prompts and their KV caches are returned, cut to the heads.
-#[allow(clippy::too_many_arguments)]
-fn score_batch(
+/// A scoring batch laid out, its positions and targets on the device, ready for its forward pass.
+struct Prepared {
+    ids: Tensor,
+    pads: Vec<usize>,
+    row_sel: RowSelection,
+    sel: Vec<Variant>,
+    /// (variant index, item index) per row
+    which: Vec<(usize, usize)>,
+    /// Width of the rows' heads (the prompts, when their caches are kept).
+    head: usize,
+    cache: Option<Cache>,
+    /// Flat positions whose hidden states the pass returns (all when empty and not pruned).
+    wanted: Vec<u32>,
+    /// Indices into the returned hidden states: where each target is predicted, the targets, and
+    /// each row's prompt end (with `keep`).
+    at: Tensor,
+    targets: Tensor,
+    last: Tensor,
+    /// (variant index, item index) per target
+    owner: Vec<(usize, usize)>,
+}
+
+/// Lays out one batch of `(item, head length)` rows (one row per variant). With `keep`, the rows'
+/// heads are the generation prompts and their KV caches are kept.
+fn prepare_batch(
     model: &Glm,
     items: &[(Vec<u32>, Vec<i64>)],
     used: &[usize],
     batch: &[(usize, usize)],
     variants: &[Variant],
-    lim: BatchLimits,
     keep: bool,
-    out: &mut [Vec<Vec<f32>>],
-) -> Result<Option<Pending>> {
+) -> Result<Prepared> {
     crate::stop::check()?;
-    profile::phase("score");
     let mut rows: Vec<(&[u32], &[u32])> = Vec::new();
     let mut sel = Vec::new();
     let mut which = Vec::new();
@@ -237,7 +266,7 @@ fn score_batch(
     let t = ids.dims()[1];
     simulated_oom(rows.len() * t)?;
     let row_sel = RowSelection::new(sel.clone(), model.device(), model.dtype());
-    let mut cache = keep.then(|| model.new_cache(t));
+    let cache = keep.then(|| model.new_cache(t));
     // Logits only where a label follows: position j-1 predicts label j.
     let mut at = Vec::new();
     let mut tgt = Vec::new();
@@ -271,34 +300,80 @@ fn score_batch(
     // host waits for the device's queue, so the pass then runs to its one read-back without a gap.
     let (n_at, n_last) = (at.len(), last.len());
     let idx = Tensor::from_vec([at, tgt, last].concat(), 2 * n_at + n_last, model.device())?;
-    let (at_t, tgt_t, last_t) = (idx.narrow(0, 0, n_at)?, idx.narrow(0, n_at, n_at)?, idx.narrow(0, 2 * n_at, n_last)?);
+    Ok(Prepared {
+        ids,
+        pads,
+        row_sel,
+        sel,
+        which,
+        head,
+        cache,
+        wanted,
+        at: idx.narrow(0, 0, n_at)?,
+        targets: idx.narrow(0, n_at, n_at)?,
+        last: idx.narrow(0, 2 * n_at, n_last)?,
+        owner,
+    })
+}
+
+/// Scores batches of `(item, head length)` rows (see `prepare_batch`): their forward passes run
+/// together, layer by layer (`Glm::forward_many`), then each batch's log-probs are read back.
+/// With `keep`, each batch's prompt caches come back for generation.
+#[allow(clippy::too_many_arguments)]
+fn score_batches(
+    model: &Glm,
+    items: &[(Vec<u32>, Vec<i64>)],
+    used: &[usize],
+    batches: &[Vec<(usize, usize)>],
+    variants: &[Variant],
+    lim: BatchLimits,
+    keep: bool,
+    out: &mut [Vec<Vec<f32>>],
+) -> Result<Vec<Pending>> {
+    profile::phase("score");
+    let mut preps =
+        batches.iter().map(|b| prepare_batch(model, items, used, b, variants, keep)).collect::<Result<Vec<_>>>()?;
     let t0 = std::time::Instant::now();
-    let hidden = if prune_enabled() {
-        model.forward_at(&ids, &pads, &row_sel, cache.as_mut(), &wanted)?
-    } else {
-        model.forward(&ids, &pads, &row_sel, cache.as_mut())?
-    };
-    profile::tally("score: queue forward", t0.elapsed().as_secs_f64());
+    let inputs = preps
+        .iter_mut()
+        .map(|p| PassInput {
+            ids: &p.ids,
+            pad: &p.pads,
+            sel: &p.row_sel,
+            cache: p.cache.as_mut(),
+            keep: prune_enabled().then_some(p.wanted.as_slice()),
+        })
+        .collect();
+    let hidden = model.forward_many(inputs)?;
+    // Every batch's log-probs and first tokens are queued before the first read-back.
     let chunk = lim.max_logit_rows.max(1);
-    let mut lps = Vec::new();
-    for start in (0..n_at).step_by(chunk) {
-        let n = chunk.min(n_at - start);
-        lps.push(model.target_log_probs(&hidden, &at_t.narrow(0, start, n)?, &tgt_t.narrow(0, start, n)?)?);
+    let mut queued = Vec::with_capacity(preps.len());
+    for (p, h) in preps.iter().zip(&hidden) {
+        let n_at = p.at.dim(0)?;
+        let mut lps = Vec::new();
+        for start in (0..n_at).step_by(chunk) {
+            let n = chunk.min(n_at - start);
+            lps.push(model.target_log_probs(h, &p.at.narrow(0, start, n)?, &p.targets.narrow(0, start, n)?)?);
+        }
+        let first = if keep { Some(model.logits_at_t(h, &p.last)?.argmax(1)?) } else { None };
+        queued.push((lps, first));
     }
-    let first = match keep {
-        true => Some(model.logits_at_t(&hidden, &last_t)?.argmax(1)?),
-        false => None,
-    };
-    let t1 = std::time::Instant::now();
-    let picked: Vec<f32> = if lps.is_empty() { vec![] } else { Tensor::cat(&lps, 0)?.to_vec1()? };
-    profile::tally("score: wait", t1.elapsed().as_secs_f64());
-    for (p, (vi, i)) in picked.into_iter().zip(owner) {
-        out[vi][i].push(p);
+    drop(hidden);
+    profile::tally("score: queue forward", t0.elapsed().as_secs_f64());
+    let mut kept = Vec::new();
+    for (p, (lps, first)) in preps.into_iter().zip(queued) {
+        let t1 = std::time::Instant::now();
+        let picked: Vec<f32> = if lps.is_empty() { vec![] } else { Tensor::cat(&lps, 0)?.to_vec1()? };
+        profile::tally("score: wait", t1.elapsed().as_secs_f64());
+        for (x, &(vi, i)) in picked.into_iter().zip(&p.owner) {
+            out[vi][i].push(x);
+        }
+        let (Some(mut cache), Some(first)) = (p.cache, first) else { continue };
+        let first = first.to_vec1()?;
+        cache.truncate(p.head)?;
+        kept.push(Pending { cache, pads: p.pads, sel: p.sel, which: p.which, first });
     }
-    let (Some(mut cache), Some(first)) = (cache, first) else { return Ok(None) };
-    let first = first.to_vec1()?;
-    cache.truncate(head)?;
-    Ok(Some(Pending { cache, pads, sel, which, first }))
+    Ok(kept)
 }
 
 /// What `score_and_generate` measured, per variant and item.
@@ -388,24 +463,41 @@ fn run_all(
         }
         Ok(())
     };
-    for batch in plan(&lengths, variants.len(), lim) {
-        let batch: Vec<(usize, usize)> = batch.iter().map(|&b| (todo[b], prompts[todo[b]].len())).collect();
-        let b_rows = batch.len() * variants.len();
-        let b_len = batch.iter().map(|&(_, h)| h).max().unwrap_or(0);
-        let b_steps = batch.iter().map(|&(i, _)| max_new[i]).max().unwrap_or(0);
-        let grown = (rows + b_rows) * (longest.max(b_len) + steps.max(b_steps));
-        if !pending.is_empty() && (rows + b_rows > lim.max_rows || grown > lim.max_cache_tokens) {
+    let batches: Vec<Vec<(usize, usize)>> = plan(&lengths, variants.len(), lim)
+        .into_iter()
+        .map(|b| b.iter().map(|&b| (todo[b], prompts[todo[b]].len())).collect())
+        .collect();
+    let mut next = 0;
+    while next < batches.len() {
+        // The first passes run together (`BatchLimits::first_passes`) as far as one decode group
+        // holds them; then one at a time.
+        let want = if next == 0 { lim.first_passes.max(1) } else { 1 };
+        let (mut g_rows, mut g_len, mut g_steps, mut end) = (0usize, 0usize, 0usize, next);
+        while end < batches.len() && end - next < want {
+            let b = &batches[end];
+            let n_rows = g_rows + b.len() * variants.len();
+            let n_len = g_len.max(b.iter().map(|&(_, h)| h).max().unwrap_or(0));
+            let n_steps = g_steps.max(b.iter().map(|&(i, _)| max_new[i]).max().unwrap_or(0));
+            if end > next && (n_rows > lim.max_rows || n_rows * (n_len + n_steps) > lim.max_cache_tokens) {
+                break;
+            }
+            (g_rows, g_len, g_steps, end) = (n_rows, n_len, n_steps, end + 1);
+        }
+        let group = &batches[next..end];
+        next = end;
+        let grown = (rows + g_rows) * (longest.max(g_len) + steps.max(g_steps));
+        if !pending.is_empty() && (rows + g_rows > lim.max_rows || grown > lim.max_cache_tokens) {
             flush(std::mem::take(&mut pending), o)?;
             (rows, longest, steps) = (0, 0, 0);
         }
         let t = std::time::Instant::now();
-        let p = score_batch(model, items, &used, &batch, variants, lim, true, &mut o.scores)?;
+        let p = score_batches(model, items, &used, group, variants, lim, true, &mut o.scores)?;
         if o.score_s == 0.0 {
             profile::mark("first scoring pass done");
         }
         o.score_s += t.elapsed().as_secs_f64();
         pending.extend(p);
-        (rows, longest, steps) = (rows + b_rows, longest.max(b_len), steps.max(b_steps));
+        (rows, longest, steps) = (rows + g_rows, longest.max(g_len), steps.max(g_steps));
     }
     if !pending.is_empty() {
         flush(pending, o)?;
@@ -417,7 +509,7 @@ fn run_all(
     for batch in plan(&lengths, variants.len(), lim) {
         let t = std::time::Instant::now();
         let batch: Vec<(usize, usize)> = batch.iter().map(|&b| (rest[b], 0)).collect();
-        score_batch(model, items, &used, &batch, variants, lim, false, &mut o.scores)?;
+        score_batches(model, items, &used, std::slice::from_ref(&batch), variants, lim, false, &mut o.scores)?;
         o.score_s += t.elapsed().as_secs_f64();
         for &(i, _) in &batch {
             o.complete[i] = !needs_gen(i);
@@ -584,7 +676,8 @@ mod tests {
     #[test]
     fn plan_keeps_every_batch_within_its_limits_widest_first() {
         let lengths: Vec<(usize, usize)> = (0..40).map(|i| (5 + i % 7, 10 + (i * 13) % 17)).collect();
-        let lim = BatchLimits { max_rows: 12, max_tokens: 300, max_logit_rows: 1, max_cache_tokens: 1 };
+        let lim =
+            BatchLimits { max_rows: 12, max_tokens: 300, max_logit_rows: 1, max_cache_tokens: 1, first_passes: 1 };
         let batches = plan(&lengths, 2, lim);
         let mut seen: Vec<usize> = batches.iter().flatten().copied().collect();
         seen.sort();
@@ -606,7 +699,8 @@ mod tests {
         // Heads vary more than tails: grouping by head pads less than grouping by total length.
         // By total (112, 111, 110, 109): [0, 1] and [2, 3], 632 tokens laid out; by head: 450.
         let lengths = vec![(100, 12), (50, 61), (98, 12), (52, 57)];
-        let lim = BatchLimits { max_rows: 2, max_tokens: 10_000, max_logit_rows: 1, max_cache_tokens: 1 };
+        let lim =
+            BatchLimits { max_rows: 2, max_tokens: 10_000, max_logit_rows: 1, max_cache_tokens: 1, first_passes: 1 };
         let mut batches = plan(&lengths, 1, lim);
         batches.iter_mut().for_each(|b| b.sort());
         assert_eq!(batches, vec![vec![1, 3], vec![0, 2]]);
@@ -617,7 +711,8 @@ mod tests {
 
     #[test]
     fn halving_reaches_one_row_then_stops() {
-        let mut lim = BatchLimits { max_rows: 6, max_tokens: 100, max_logit_rows: 3, max_cache_tokens: 40 };
+        let mut lim =
+            BatchLimits { max_rows: 6, max_tokens: 100, max_logit_rows: 3, max_cache_tokens: 40, first_passes: 1 };
         let mut steps = 0;
         while let Some(next) = lim.halved() {
             lim = next;
