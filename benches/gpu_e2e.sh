@@ -91,7 +91,7 @@ w = ours(warm)
 if w and a:
     toks = 2 * (a["prompt_tokens"] + a["target_tokens"])
     print(f"scoring: {toks / w['score_s']:.0f} tokens/s (anchor {a['score_tokens_per_s']}); generation: {a['gen_tokens'] / w['gen_s']:.0f} tokens/s (anchor {a['gen_tokens_per_s']})")
-    print(f"total speed-up vs default anchor: {a['total_s'] / w['total_s']:.1f}x" + (f", vs best anchor: {b['total_s'] / w['total_s']:.1f}x" if b else ""))
+    print(f"total speed-up vs default anchor: {a['total_s'] / w['total_s']:.2f}x" + (f", vs best anchor: {b['total_s'] / w['total_s']:.2f}x" if b else ""))
     print(f"mean delta logprob per sample: anchor {a['mean_delta_logprob']:.3f}")
 if warm:
     r = warm["reports"][0] if "reports" in warm else warm

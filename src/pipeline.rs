@@ -537,6 +537,9 @@ pub fn verify(opts: &Options) -> Result<Vec<Report>> {
             jobs.iter().map(|m| Ok(checks::adapter::check_effect(&rows, m)?.1)).collect()
         })
     };
+    let stacked = stacked
+        .join()
+        .map_err(|_| anyhow::anyhow!("stacking the adapters failed unexpectedly (a thread panicked)"))??;
     section("attach adapters", &dev, || base.attach_prepared(stacked))?;
     mark("adapters attached");
     let layout = base.cfg.layout.as_str().to_string();
@@ -739,16 +742,14 @@ struct Adapters {
     per_adapter: Vec<(Vec<Finding>, AdapterInfo)>,
     /// What `Glm::attach` takes (an adapter that is not applied has no deltas).
     attach: Vec<Vec<(usize, model::Target, model::lora::LoraDelta)>>,
-    /// The same, stacked per linear on the host.
-    stacked: model::glm::PreparedAdapters,
+    /// The same, being stacked per linear on the host.
+    stacked: std::thread::JoinHandle<Result<model::glm::PreparedAdapters>>,
     /// (report, position among its findings, matched pairs) of each effect check to run.
     effect_jobs: Vec<(usize, usize, crate::adapter::Matched)>,
 }
 
-/// Reads the `--adapter` inputs against the base's config and stacks their deltas per linear (no
-/// device needed: runs while it starts).
 /// The dtype a run on a GPU takes for `--device`, `--dtype`, as far as it is known before the device
-/// starts (`auto` is bf16 on every GPU since 2020); None for a CPU run.
+/// starts (`auto`: bf16, as on every GPU of compute capability 8.0 or newer); None for a CPU run.
 fn likely_gpu_dtype(device: &str, dtype: &str) -> Option<candle_core::DType> {
     if !cfg!(feature = "cuda") || device == "cpu" {
         return None;
@@ -761,6 +762,9 @@ fn likely_gpu_dtype(device: &str, dtype: &str) -> Option<candle_core::DType> {
     }
 }
 
+/// Reads the `--adapter` inputs against the base's config (no device needed: runs while it
+/// starts), and starts stacking their deltas per linear on a thread of its own: the weights' upload
+/// needs only their shapes, the attach the stacks.
 fn read_adapters(
     inputs: &[AdapterInput],
     base_cfg: &model::ModelConfig,
@@ -817,10 +821,16 @@ fn read_adapters(
             }
         }
     }
-    let mut stacked = model::glm::PreparedAdapters::new(base_cfg, &attach)?;
-    if let Some(dtype) = likely_dtype {
-        stacked = stacked.in_dtype(dtype)?;
-    }
+    let stacked = {
+        let (cfg, attach) = (base_cfg.clone(), attach.clone());
+        std::thread::spawn(move || {
+            let stacked = model::glm::PreparedAdapters::new(&cfg, &attach)?;
+            match likely_dtype {
+                Some(dtype) => stacked.in_dtype(dtype),
+                None => Ok(stacked),
+            }
+        })
+    };
     Ok(Adapters { lora_slots, per_adapter, attach, stacked, effect_jobs })
 }
 
