@@ -81,7 +81,7 @@ fn main() -> Result<()> {
         ((2, 4, 4, 8, 40, 32), &[0, 7]),
         ((2, 4, 2, 1, 33, 16), &[0, 32]),
         ((4, 32, 2, 1, 1100, 128), &[0, 63, 64, 1000]),
-        // Prefill blocks of 128 rows: several blocks with a partial last one, cached keys, a row whose
+        // Prefill: several 64-row blocks with a partial last one, cached keys, a row whose
         // first 130 queries see no key, one head per key/value head.
         ((2, 4, 2, 300, 420, 128), &[0, 250]),
         ((1, 2, 2, 129, 129, 128), &[1]),
