@@ -537,9 +537,6 @@ pub fn verify(opts: &Options) -> Result<Vec<Report>> {
             jobs.iter().map(|m| Ok(checks::adapter::check_effect(&rows, m)?.1)).collect()
         })
     };
-    let stacked = stacked
-        .join()
-        .map_err(|_| anyhow::anyhow!("stacking the adapters failed unexpectedly (a thread panicked)"))??;
     section("attach adapters", &dev, || base.attach_prepared(stacked))?;
     mark("adapters attached");
     let layout = base.cfg.layout.as_str().to_string();
@@ -742,8 +739,8 @@ struct Adapters {
     per_adapter: Vec<(Vec<Finding>, AdapterInfo)>,
     /// What `Glm::attach` takes (an adapter that is not applied has no deltas).
     attach: Vec<Vec<(usize, model::Target, model::lora::LoraDelta)>>,
-    /// The same, being stacked per linear on the host.
-    stacked: std::thread::JoinHandle<Result<model::glm::PreparedAdapters>>,
+    /// The same, stacked per linear on the host.
+    stacked: model::glm::PreparedAdapters,
     /// (report, position among its findings, matched pairs) of each effect check to run.
     effect_jobs: Vec<(usize, usize, crate::adapter::Matched)>,
 }
@@ -762,9 +759,8 @@ fn likely_gpu_dtype(device: &str, dtype: &str) -> Option<candle_core::DType> {
     }
 }
 
-/// Reads the `--adapter` inputs against the base's config (no device needed: runs while it
-/// starts), and starts stacking their deltas per linear on a thread of its own: the weights' upload
-/// needs only their shapes, the attach the stacks.
+/// Reads the `--adapter` inputs against the base's config and stacks their deltas per linear in the
+/// likely dtype (no device needed: runs while it starts).
 fn read_adapters(
     inputs: &[AdapterInput],
     base_cfg: &model::ModelConfig,
@@ -821,16 +817,10 @@ fn read_adapters(
             }
         }
     }
-    let stacked = {
-        let (cfg, attach) = (base_cfg.clone(), attach.clone());
-        std::thread::spawn(move || {
-            let stacked = model::glm::PreparedAdapters::new(&cfg, &attach)?;
-            match likely_dtype {
-                Some(dtype) => stacked.in_dtype(dtype),
-                None => Ok(stacked),
-            }
-        })
-    };
+    let mut stacked = model::glm::PreparedAdapters::new(base_cfg, &attach)?;
+    if let Some(dtype) = likely_dtype {
+        stacked = stacked.in_dtype(dtype)?;
+    }
     Ok(Adapters { lora_slots, per_adapter, attach, stacked, effect_jobs })
 }
 
