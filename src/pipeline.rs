@@ -746,17 +746,13 @@ struct Adapters {
 }
 
 /// The dtype a run on a GPU takes for `--device`, `--dtype`, as far as it is known before the device
-/// starts (`auto`: bf16, as on every GPU of compute capability 8.0 or newer); None for a CPU run.
-fn likely_gpu_dtype(device: &str, dtype: &str) -> Option<candle_core::DType> {
-    if !cfg!(feature = "cuda") || device == "cpu" {
+/// starts (`device::dtype` for a GPU of unknown capability: `auto` is bf16); None for a CPU run.
+fn likely_gpu_dtype(device_arg: &str, dtype_arg: &str) -> Option<candle_core::DType> {
+    if !cfg!(feature = "cuda") || device_arg == "cpu" {
         return None;
     }
-    match dtype {
-        "auto" | "bf16" => Some(candle_core::DType::BF16),
-        "f16" => Some(candle_core::DType::F16),
-        "f32" => Some(candle_core::DType::F32),
-        _ => None,
-    }
+    let gpu = checks::hardware::DeviceInfo { name: String::new(), compute_capability: None, is_cuda: true };
+    device::dtype(dtype_arg, &gpu).ok()
 }
 
 /// Reads the `--adapter` inputs against the base's config and stacks their deltas per linear in the
