@@ -13,6 +13,7 @@ pub mod demo;
 pub mod device;
 pub mod finding;
 pub mod model;
+pub mod par;
 pub mod pipeline;
 pub mod preflight;
 pub mod report;

@@ -204,24 +204,8 @@ pub type WeightRows<'a> = dyn Fn(usize, Target, &[usize]) -> Result<Vec<f32>> + 
 /// module's weight read from the checkpoint files, so it needs neither the model nor the device:
 /// a run does it on another thread while the device scores.
 pub fn check_effect(weight_rows: &WeightRows, matched: &Matched) -> Result<(Vec<ModuleEffect>, Vec<Finding>)> {
-    let n = matched.deltas.len();
-    let threads = std::thread::available_parallelism().map_or(1, |p| p.get()).clamp(1, 8);
-    let per = n.div_ceil(threads).max(1);
-    let stats: Vec<[f64; 5]> = std::thread::scope(|sc| -> Result<Vec<[f64; 5]>> {
-        let jobs: Vec<_> = (0..n)
-            .step_by(per)
-            .map(|start| {
-                sc.spawn(move || -> Result<Vec<[f64; 5]>> {
-                    (start..(start + per).min(n)).map(|i| module_stats(weight_rows, &matched.deltas[i])).collect()
-                })
-            })
-            .collect();
-        let mut all = Vec::with_capacity(n);
-        for j in jobs {
-            all.extend(j.join().map_err(|_| anyhow::anyhow!("the adapter effect check panicked"))??);
-        }
-        Ok(all)
-    })?;
+    let stats =
+        crate::par::map(&matched.deltas, |d| module_stats(weight_rows, d)).into_iter().collect::<Result<Vec<_>>>()?;
     let mut effects = Vec::new();
     let (mut changed, mut total, mut err_sq, mut delta_sq) = (0f64, 0f64, 0f64, 0f64);
     for (stats, name) in stats.iter().zip(&matched.matched_modules) {

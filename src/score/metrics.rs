@@ -31,17 +31,8 @@ pub fn similarity(a: &str, b: &str) -> f64 {
 /// (base, tuned) generation similarity to the target of each sample, on several threads: a
 /// character diff of a few hundred against a few thousand characters takes about a millisecond.
 fn similarities(ms: &[Measured]) -> Vec<(f64, f64)> {
-    let one = |m: &Measured| {
+    crate::par::map(ms, |m| {
         (similarity(m.gen_base.trim(), m.target.trim()), similarity(m.gen_tuned.trim(), m.target.trim()))
-    };
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(8);
-    if threads < 2 || ms.len() < 16 {
-        return ms.iter().map(one).collect();
-    }
-    let per = ms.len().div_ceil(threads);
-    std::thread::scope(|s| {
-        let parts: Vec<_> = ms.chunks(per).map(|c| s.spawn(move || c.iter().map(one).collect::<Vec<_>>())).collect();
-        parts.into_iter().flat_map(|h| h.join().unwrap_or_else(|e| std::panic::resume_unwind(e))).collect()
     })
 }
 
