@@ -153,17 +153,7 @@ impl HostStack {
         }
         Ok(Some(HostStack { a: Tensor::cat(&a_rows, 0)?, b: Tensor::cat(&b_cols, 1)?, segments }))
     }
-}
 
-/// Every stack's A then B, in a dtype, one after the other in one host buffer: what
-/// `LoraStack::upload_all` copies to the device.
-pub struct FlatStacks {
-    dtype: DType,
-    /// 1-D, on the host
-    all: Tensor,
-}
-
-impl HostStack {
     /// `stacks` laid out for `LoraStack::upload_all` in `dtype` (host work: a thread can do it
     /// before the device is ready, when the run's dtype can be foreseen).
     pub fn flatten(stacks: &[Option<HostStack>], dtype: DType) -> Result<FlatStacks> {
@@ -176,6 +166,14 @@ impl HostStack {
         let all = if parts.is_empty() { Tensor::zeros(0, dtype, &Device::Cpu)? } else { Tensor::cat(&parts, 0)? };
         Ok(FlatStacks { dtype, all })
     }
+}
+
+/// Every stack's A then B, in a dtype, one after the other in one host buffer: what
+/// `LoraStack::upload_all` copies to the device.
+pub struct FlatStacks {
+    dtype: DType,
+    /// 1-D, on the host
+    all: Tensor,
 }
 
 /// The side path's columns for a linear of `inp` inputs and stacked rank `rank` (`LoraStack::width`).
