@@ -171,15 +171,18 @@ impl Cache {
         Ok((kb.narrow(2, 0, n)?, vb.narrow(2, 0, n)?))
     }
 
-    /// Keeps only the first `len` positions (the prompt part of a teacher-forced pass), copied out
-    /// of the larger buffers so they can be freed.
-    pub fn truncate(&mut self, len: usize) -> Result<()> {
-        if len > self.len {
-            bail!("cannot truncate a KV cache of {} positions to {len}", self.len);
-        }
+    /// Keeps a window of `len` positions per row, gathered by `idx` ([rows·kvh·len] u32: for each
+    /// row, kv head and kept position, its flat index into the layer's [rows·kvh·capacity, D]
+    /// rows), copied out of the larger buffers so that they can be freed. Used to keep each row's
+    /// prompt, right-aligned, from a pass over prompts and targets.
+    pub fn keep_windows(&mut self, idx: &Tensor, len: usize) -> Result<()> {
         for (k, v) in self.kv.iter_mut().flatten() {
-            *k = k.narrow(2, 0, len)?.contiguous()?;
-            *v = v.narrow(2, 0, len)?.contiguous()?;
+            let (b, h, cap, d) = k.dims4()?;
+            if idx.dim(0)? != b * h * len {
+                bail!("KV cache windows: {} indices for {b} rows × {h} heads × {len} positions", idx.dim(0)?);
+            }
+            *k = k.reshape((b * h * cap, d))?.index_select(idx, 0)?.reshape((b, h, len, d))?;
+            *v = v.reshape((b * h * cap, d))?.index_select(idx, 0)?.reshape((b, h, len, d))?;
         }
         self.len = len;
         self.capacity = len;

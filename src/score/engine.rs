@@ -93,46 +93,69 @@ impl Default for GenOptions {
     }
 }
 
-/// Groups item indices into batches of `per_item` rows each, by length. An item is `(head, tail)`:
-/// rows are laid out with their heads right-aligned and tails left-aligned after them, so a batch
-/// is `max head + max tail` wide (plain left or right padding when every head or tail is 0).
-/// Items are packed in two orders, longest first and longest head first (when prompts vary more
-/// than targets, rows with close heads pad less), and the plan with fewer laid-out tokens is kept.
-/// Batches run widest first: the one that needs the most memory runs first, so an out-of-memory
-/// retry wastes little.
-fn plan(lengths: &[(usize, usize)], per_item: usize, lim: BatchLimits) -> Vec<Vec<usize>> {
-    let width = |b: &Vec<usize>| {
-        b.iter().map(|&i| lengths[i].0).max().unwrap_or(0) + b.iter().map(|&i| lengths[i].1).max().unwrap_or(0)
-    };
-    let laid_out = |p: &Vec<Vec<usize>>| p.iter().map(|b| b.len() * width(b)).sum::<usize>();
+/// How wide a batch of `(head, tail)` items is.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Width {
+    /// `max(head + tail)`: a scoring pass, each row its head then its tail, right-aligned
+    /// (`lay_out`).
+    Total,
+    /// `max head + max tail`: a decode group's caches, prompts (heads) right-aligned, then room
+    /// for the new tokens (tails).
+    HeadTail,
+}
+
+impl Width {
+    fn of(self, items: impl Iterator<Item = (usize, usize)>) -> usize {
+        let (mut h, mut t, mut total) = (0, 0, 0);
+        for (a, b) in items {
+            (h, t, total) = (h.max(a), t.max(b), total.max(a + b));
+        }
+        match self {
+            Width::Total => total,
+            Width::HeadTail => h + t,
+        }
+    }
+}
+
+/// Groups item indices into batches of `per_item` rows each, by length: each batch within the
+/// limits, `width` wide. Items are packed in two orders, longest first and longest head first
+/// (for `HeadTail` widths, where prompts vary more than the new tokens, rows with close heads pad
+/// less), and the plan with fewer laid-out tokens is kept. Batches run widest first: the one that
+/// needs the most memory runs first, so an out-of-memory retry wastes little.
+fn plan(lengths: &[(usize, usize)], per_item: usize, lim: BatchLimits, width: Width) -> Vec<Vec<usize>> {
+    let wide = |b: &Vec<usize>| width.of(b.iter().map(|&i| lengths[i]));
+    let laid_out = |p: &Vec<Vec<usize>>| p.iter().map(|b| b.len() * wide(b)).sum::<usize>();
     let mut order: Vec<usize> = (0..lengths.len()).collect();
     order.sort_by_key(|&i| (std::cmp::Reverse(lengths[i].0 + lengths[i].1), i));
-    let by_total = pack(lengths, &order, per_item, lim);
+    let by_total = pack(lengths, &order, per_item, lim, width);
     order.sort_by_key(|&i| (std::cmp::Reverse(lengths[i].0), std::cmp::Reverse(lengths[i].1), i));
-    let by_head = pack(lengths, &order, per_item, lim);
+    let by_head = pack(lengths, &order, per_item, lim, width);
     let mut best = if laid_out(&by_head) < laid_out(&by_total) { by_head } else { by_total };
-    best.sort_by_key(|b| std::cmp::Reverse(width(b)));
+    best.sort_by_key(|b| std::cmp::Reverse(wide(b)));
     best
 }
 
 /// Packs items in `order` into batches within the limits (a new batch when the next item would
 /// break one).
-fn pack(lengths: &[(usize, usize)], order: &[usize], per_item: usize, lim: BatchLimits) -> Vec<Vec<usize>> {
+fn pack(
+    lengths: &[(usize, usize)],
+    order: &[usize],
+    per_item: usize,
+    lim: BatchLimits,
+    width: Width,
+) -> Vec<Vec<usize>> {
     let mut out: Vec<Vec<usize>> = Vec::new();
     let mut cur: Vec<usize> = Vec::new();
-    let (mut head, mut tail) = (0, 0);
     for &i in order {
         let (h, t) = lengths[i];
         let rows = (cur.len() + 1) * per_item;
-        let width = head.max(h) + tail.max(t);
+        let wide = width.of(cur.iter().chain([&i]).map(|&j| lengths[j]));
         if !cur.is_empty()
-            && (rows > lim.max_rows.max(per_item) || rows * width > lim.max_tokens.max((h + t) * per_item))
+            && (rows > lim.max_rows.max(per_item) || rows * wide > lim.max_tokens.max((h + t) * per_item))
         {
             out.push(std::mem::take(&mut cur));
-            (head, tail) = (0, 0);
         }
         cur.push(i);
-        (head, tail) = (head.max(h), tail.max(t));
     }
     if !cur.is_empty() {
         out.push(cur);
@@ -140,28 +163,42 @@ fn pack(lengths: &[(usize, usize)], order: &[usize], per_item: usize, lim: Batch
     out
 }
 
-/// Lays rows out as `[pad… head tail …pad]` with every head ending at the same column (see
-/// `plan`): returns the [B, W] ids, each row's left padding, and the head width.
-fn lay_out(rows: &[(&[u32], &[u32])], pad_id: u32, device: &Device) -> Result<(Tensor, Vec<usize>, usize)> {
-    let head = rows.iter().map(|r| r.0.len()).max().unwrap_or(0);
-    let tail = rows.iter().map(|r| r.1.len()).max().unwrap_or(0);
+/// Lays rows out as `[pad… head tail]`, right-aligned (each row's head and tail together, so a
+/// batch is as wide as its longest row): returns the [B, W] ids and each row's left padding.
+fn lay_out(rows: &[(&[u32], &[u32])], pad_id: u32, device: &Device) -> Result<(Tensor, Vec<usize>)> {
+    let longest = rows.iter().map(|r| r.0.len() + r.1.len()).max().unwrap_or(0);
     // On GPUs the width is padded (on the left) to a multiple of 8: cuBLAS's fast tensor-core
     // kernels need 16-byte aligned rows, and the attention GEMMs have the width as a leading
     // dimension (10× slower at a width of 1010 than at 1016 on an H200).
     let align = if device.is_cuda() { 8 } else { 1 };
-    let head = head + (align - (head + tail) % align) % align;
-    let w = head + tail;
+    let w = longest.next_multiple_of(align);
     let mut ids = Vec::with_capacity(rows.len() * w);
     let mut pads = Vec::with_capacity(rows.len());
     for (h, t) in rows {
-        let p = head - h.len();
+        let p = w - h.len() - t.len();
         pads.push(p);
         ids.extend(std::iter::repeat_n(pad_id, p));
         ids.extend_from_slice(h);
         ids.extend_from_slice(t);
-        ids.extend(std::iter::repeat_n(pad_id, tail - t.len()));
     }
-    Ok((Tensor::from_vec(ids, (rows.len(), w), device)?, pads, head))
+    Ok((Tensor::from_vec(ids, (rows.len(), w), device)?, pads))
+}
+
+/// The gather index that keeps each row's prompt from a pass's KV cache, right-aligned at `width`
+/// (`Cache::keep_windows`): row r's prompt is at columns pads[r].. of `t`, and goes to columns
+/// width - heads[r].. of `width`. Columns before it are padding (masked; read from column 0 where
+/// the window starts before the row, so that they hold finite values).
+/// Per (row, kv head, column), the flat row index into the cache's [rows·kvh·t, D] layer.
+fn prompt_windows(pads: &[usize], heads: &[usize], width: usize, t: usize, kvh: usize) -> Vec<u32> {
+    let mut idx = Vec::with_capacity(pads.len() * kvh * width);
+    for (r, (&p, &h)) in pads.iter().zip(heads).enumerate() {
+        let end = p + h; // one past the prompt's last column
+        for head in 0..kvh {
+            let base = (r * kvh + head) * t;
+            idx.extend((0..width).map(|c| (base + (end + c).saturating_sub(width)) as u32));
+        }
+    }
+    idx
 }
 
 /// Per item: positions up to the last label (nothing after it needs to be fed).
@@ -181,7 +218,7 @@ pub fn score_targets(
     let used = used_lengths(items);
     let todo: Vec<usize> = (0..items.len()).filter(|&i| used[i] > 1).collect();
     let lengths: Vec<(usize, usize)> = todo.iter().map(|&i| (0, used[i])).collect();
-    for batch in plan(&lengths, variants.len(), lim) {
+    for batch in plan(&lengths, variants.len(), lim, Width::Total) {
         let batch: Vec<(usize, usize)> = batch.iter().map(|&b| (todo[b], 0)).collect();
         score_batches(model, items, &used, &[batch], variants, lim, false, &mut out)?;
     }
@@ -216,6 +253,17 @@ struct Pending {
     first: Vec<u32>,
 }
 
+/// Where a batch's prompts are in its pass's KV cache (rows right-aligned: each prompt ends where
+/// its target starts), to keep them, right-aligned at the longest, for generation.
+struct Prompts {
+    /// Each row's prompt length.
+    heads: Vec<usize>,
+    /// The longest prompt: the kept cache's length.
+    width: usize,
+    /// `Cache::keep_windows`'s gather index (on the device).
+    window: Tensor,
+}
+
 /// A scoring batch laid out, its positions and targets on the device, ready for its forward pass.
 struct Prepared {
     ids: Tensor,
@@ -224,8 +272,8 @@ struct Prepared {
     sel: Vec<Variant>,
     /// (variant index, item index) per row
     which: Vec<(usize, usize)>,
-    /// Width of the rows' heads (the prompts, when their caches are kept).
-    head: usize,
+    /// With kept caches: where the prompts are in them.
+    prompts: Option<Prompts>,
     cache: Option<Cache>,
     /// Flat positions whose hidden states the pass returns (all when empty and not pruned).
     wanted: Vec<u32>,
@@ -262,7 +310,7 @@ fn prepare_batch(
         }
     }
     let pad_id = model.cfg.pad_id.unwrap_or(0);
-    let (ids, pads, head) = lay_out(&rows, pad_id, model.device())?;
+    let (ids, pads) = lay_out(&rows, pad_id, model.device())?;
     let t = ids.dims()[1];
     simulated_oom(rows.len() * t)?;
     let row_sel = RowSelection::new(sel.clone(), model.device(), model.dtype());
@@ -282,7 +330,9 @@ fn prepare_batch(
         }
     }
     // With the prompts' caches kept, also the prompt's last position (the first generated token).
-    let mut last: Vec<u32> = if keep { (0..rows.len()).map(|r| (r * t + head - 1) as u32).collect() } else { vec![] };
+    let heads: Vec<usize> = rows.iter().map(|r| r.0.len()).collect();
+    let mut last: Vec<u32> =
+        if keep { (0..rows.len()).map(|r| (r * t + pads[r] + heads[r] - 1) as u32).collect() } else { vec![] };
     // The last layer's MLP runs only where hidden states are read: positions then index its rows.
     let mut wanted = Vec::new();
     if prune_enabled() {
@@ -299,14 +349,21 @@ fn prepare_batch(
     // One upload of positions, targets and prompt ends, before the pass is queued: a copy from the
     // host waits for the device's queue, so the pass then runs to its one read-back without a gap.
     let (n_at, n_last) = (at.len(), last.len());
-    let idx = Tensor::from_vec([at, tgt, last].concat(), 2 * n_at + n_last, model.device())?;
+    let width = heads.iter().copied().max().unwrap_or(0);
+    let window = if keep { prompt_windows(&pads, &heads, width, t, model.cfg.num_kv_heads) } else { vec![] };
+    let n_win = window.len();
+    let idx = Tensor::from_vec([at, tgt, last, window].concat(), 2 * n_at + n_last + n_win, model.device())?;
     Ok(Prepared {
         ids,
         pads,
         row_sel,
         sel,
         which,
-        head,
+        prompts: if keep {
+            Some(Prompts { heads, width, window: idx.narrow(0, 2 * n_at + n_last, n_win)? })
+        } else {
+            None
+        },
         cache,
         wanted,
         at: idx.narrow(0, 0, n_at)?,
@@ -370,8 +427,11 @@ fn score_batches(
         }
         let (Some(mut cache), Some(first)) = (p.cache, first) else { continue };
         let first = first.to_vec1()?;
-        cache.truncate(p.head)?;
-        kept.push(Pending { cache, pads: p.pads, sel: p.sel, which: p.which, first });
+        let Some(pr) = &p.prompts else { bail!("internal: a kept cache without its prompts") };
+        cache.keep_windows(&pr.window, pr.width)?;
+        // Each prompt now ends at the cache's last position.
+        let pads = pr.heads.iter().map(|h| pr.width - h).collect();
+        kept.push(Pending { cache, pads, sel: p.sel, which: p.which, first });
     }
     Ok(kept)
 }
@@ -463,7 +523,7 @@ fn run_all(
         }
         Ok(())
     };
-    let batches: Vec<Vec<(usize, usize)>> = plan(&lengths, variants.len(), lim)
+    let batches: Vec<Vec<(usize, usize)>> = plan(&lengths, variants.len(), lim, Width::Total)
         .into_iter()
         .map(|b| b.iter().map(|&b| (todo[b], prompts[todo[b]].len())).collect())
         .collect();
@@ -506,7 +566,7 @@ fn run_all(
     // The rest: plain scoring, and generation with its own prefill.
     let rest: Vec<usize> = (0..n).filter(|&i| !shared[i] && used[i] > 1).collect();
     let lengths: Vec<(usize, usize)> = rest.iter().map(|&i| (0, used[i])).collect();
-    for batch in plan(&lengths, variants.len(), lim) {
+    for batch in plan(&lengths, variants.len(), lim, Width::Total) {
         let t = std::time::Instant::now();
         let batch: Vec<(usize, usize)> = batch.iter().map(|&b| (rest[b], 0)).collect();
         score_batches(model, items, &used, std::slice::from_ref(&batch), variants, lim, false, &mut o.scores)?;
@@ -634,7 +694,7 @@ pub fn generate(
     let lengths: Vec<(usize, usize)> = todo.iter().map(|&i| (prompts[i].len(), max_new[i])).collect();
     // Decode batches are bounded by rows and cache size: one decode step reads the weights once for all rows.
     let decode_lim = BatchLimits { max_tokens: lim.max_cache_tokens, ..lim };
-    for batch in plan(&lengths, variants.len(), decode_lim) {
+    for batch in plan(&lengths, variants.len(), decode_lim, Width::HeadTail) {
         crate::stop::check()?;
         let mut rows: Vec<(&[u32], &[u32])> = Vec::new();
         let mut sel = Vec::new();
@@ -650,7 +710,8 @@ pub fn generate(
         }
         let steps = which.iter().map(|&(_, i)| max_new[i]).max().unwrap_or(0);
         profile::phase("prefill");
-        let (ids, pads, t) = lay_out(&rows, model.cfg.pad_id.unwrap_or(0), model.device())?;
+        let (ids, pads) = lay_out(&rows, model.cfg.pad_id.unwrap_or(0), model.device())?;
+        let t = ids.dims()[1];
         // Prefill in row chunks that fit the token budget, then stack their caches.
         let chunk = (lim.max_tokens / t.max(1)).clamp(1, rows.len());
         let mut caches = Vec::new();
@@ -678,35 +739,48 @@ mod tests {
         let lengths: Vec<(usize, usize)> = (0..40).map(|i| (5 + i % 7, 10 + (i * 13) % 17)).collect();
         let lim =
             BatchLimits { max_rows: 12, max_tokens: 300, max_logit_rows: 1, max_cache_tokens: 1, first_passes: 1 };
-        let batches = plan(&lengths, 2, lim);
-        let mut seen: Vec<usize> = batches.iter().flatten().copied().collect();
-        seen.sort();
-        assert_eq!(seen, (0..40).collect::<Vec<_>>(), "every item exactly once");
-        let mut last = usize::MAX;
-        for b in &batches {
-            let width = b.iter().map(|&i| lengths[i].0).max().unwrap() + b.iter().map(|&i| lengths[i].1).max().unwrap();
-            assert!(b.len() * 2 <= 12 && b.len() * 2 * width <= 300, "{b:?} is {width} wide");
-            assert!(width <= last, "widest first");
-            last = width;
+        for width in [Width::Total, Width::HeadTail] {
+            let batches = plan(&lengths, 2, lim, width);
+            let mut seen: Vec<usize> = batches.iter().flatten().copied().collect();
+            seen.sort();
+            assert_eq!(seen, (0..40).collect::<Vec<_>>(), "every item exactly once");
+            let mut last = usize::MAX;
+            for b in &batches {
+                let heads = b.iter().map(|&i| lengths[i].0);
+                let tails = b.iter().map(|&i| lengths[i].1);
+                let totals = b.iter().map(|&i| lengths[i].0 + lengths[i].1);
+                let w = match width {
+                    Width::Total => totals.max().unwrap(),
+                    Width::HeadTail => heads.max().unwrap() + tails.max().unwrap(),
+                };
+                assert!(b.len() * 2 <= 12 && b.len() * 2 * w <= 300, "{b:?} is {w} wide");
+                assert!(w <= last, "widest first");
+                last = w;
+            }
+            // One item wider than the token budget still gets a batch of its own.
+            assert_eq!(plan(&[(500, 500)], 2, lim, width), vec![vec![0]]);
         }
-        // One item wider than the token budget still gets a batch of its own.
-        let b = plan(&[(500, 500)], 2, lim);
-        assert_eq!(b, vec![vec![0]]);
     }
 
     #[test]
     fn plan_keeps_the_order_that_pads_less() {
-        // Heads vary more than tails: grouping by head pads less than grouping by total length.
+        // Heads vary more than tails: for decode groups (heads right-aligned, then the new
+        // tokens) grouping by head pads less than grouping by total length.
         // By total (112, 111, 110, 109): [0, 1] and [2, 3], 632 tokens laid out; by head: 450.
         let lengths = vec![(100, 12), (50, 61), (98, 12), (52, 57)];
         let lim =
             BatchLimits { max_rows: 2, max_tokens: 10_000, max_logit_rows: 1, max_cache_tokens: 1, first_passes: 1 };
-        let mut batches = plan(&lengths, 1, lim);
+        let mut batches = plan(&lengths, 1, lim, Width::HeadTail);
         batches.iter_mut().for_each(|b| b.sort());
         assert_eq!(batches, vec![vec![1, 3], vec![0, 2]]);
+        // Scoring passes lay each row out whole (right-aligned): by total, [0, 1] and [2, 3] are
+        // 2·112 + 2·110 = 444 tokens laid out; by head, [0, 2] and [1, 3]: 2·112 + 2·111 = 446.
+        let mut batches = plan(&lengths, 1, lim, Width::Total);
+        batches.iter_mut().for_each(|b| b.sort());
+        assert_eq!(batches, vec![vec![0, 1], vec![2, 3]]);
         // Plain scoring (no heads): longest first, as before.
         let plain = vec![(0, 5), (0, 9), (0, 7), (0, 8)];
-        assert_eq!(plan(&plain, 1, lim), vec![vec![1, 3], vec![2, 0]]);
+        assert_eq!(plan(&plain, 1, lim, Width::Total), vec![vec![1, 3], vec![2, 0]]);
     }
 
     #[test]
@@ -723,12 +797,23 @@ mod tests {
     }
 
     #[test]
-    fn lay_out_right_aligns_heads_and_pads_tails() {
-        let rows: Vec<(&[u32], &[u32])> = vec![(&[1, 2, 3], &[4]), (&[5], &[6, 7, 8])];
-        let (ids, pads, head) = lay_out(&rows, 0, &Device::Cpu).unwrap();
-        assert_eq!(head, 3);
-        assert_eq!(pads, vec![0, 2]);
+    fn lay_out_right_aligns_rows() {
+        let rows: Vec<(&[u32], &[u32])> = vec![(&[1, 2, 3], &[4]), (&[5], &[6, 7, 8, 9])];
+        let (ids, pads) = lay_out(&rows, 0, &Device::Cpu).unwrap();
+        assert_eq!(pads, vec![1, 0]);
         let ids: Vec<Vec<u32>> = ids.to_vec2().unwrap();
-        assert_eq!(ids, vec![vec![1, 2, 3, 4, 0, 0], vec![0, 0, 5, 6, 7, 8]]);
+        assert_eq!(ids, vec![vec![0, 1, 2, 3, 4], vec![5, 6, 7, 8, 9]]);
+    }
+
+    #[test]
+    fn prompt_windows_right_align_each_prompt() {
+        // Two rows of a 5-wide pass (as lay_out_right_aligns_rows), one kv head: prompts [1, 2, 3]
+        // at columns 1..4 and [5] at column 0; kept 3 wide, they end at column 2. Row 1's padding
+        // columns read its column 0 (finite values, masked).
+        let idx = prompt_windows(&[1, 0], &[3, 1], 3, 5, 1);
+        assert_eq!(idx, vec![1, 2, 3, 5, 5, 5]);
+        // With two kv heads each head's rows follow the row's previous head.
+        let idx = prompt_windows(&[1, 0], &[3, 1], 3, 5, 2);
+        assert_eq!(idx, vec![1, 2, 3, 6, 7, 8, 10, 10, 10, 15, 15, 15]);
     }
 }
