@@ -863,18 +863,20 @@ fn limits(opts: &Options, dev: &Device, cfg: &model::ModelConfig) -> Result<Batc
             max_cache_tokens: 1 << 16,
             first_passes: 1,
         },
-        // Scoring passes of ~8k tokens: the GEMMs run as fast as at 16k (measured on an H200) and the
-        // activations take half the memory; without flash attention (GLM4_VERIFY_FLASH=0, other head
-        // sizes) the scores ([B, heads, T, T] bf16) stay near 0.5 GB at T = 1000. Decoding is bound
+        // Scoring passes of ~12k tokens: on the 9B benchmark (H200) 0.1 s faster in all than ~8k
+        // (9.23-9.28 s against 9.33-9.41, alternately; ~4k: 9.76-9.83 s), with the same peak memory
+        // (the decode group's caches set it); without flash attention (GLM4_VERIFY_FLASH=0, other
+        // head sizes) the scores ([B, heads, T, T] bf16) stay near 0.8 GB at T = 1000. Decoding is bound
         // by a fixed cost per step (one read of the weights and ~1,400 kernel launches), so many rows
         // decode together: up to 2^18 cached positions (10.7 GB on GLM-4-9B, 40 KB each). A fixed
         // budget, not one read from the free memory, so that the same inputs give the same batches
         // (and bits) on every run; where it does not fit, the out-of-memory retry halves it.
         // The first three passes run layer by layer together: on GLM-4-9B an H200 runs a layer of
-        // three ~8k-token passes in about the time a layer's weights take to arrive (~14 ms).
+        // three passes at least as long as a layer's weights take to arrive (~14 ms), so the device
+        // does not wait for the streamed load between layers (measured with ~8k-token passes).
         _ => BatchLimits {
             max_rows: rows.unwrap_or(512),
-            max_tokens: 8192,
+            max_tokens: 12288,
             max_logit_rows: 1024,
             max_cache_tokens: 1 << 18,
             first_passes: 3,
