@@ -23,11 +23,14 @@ template <typename T> struct alignas(16) Pack {
 
 // out[r, c] = silu(gu[r, c]) * gu[r, m + c] for gu [rows, 2m]: the SwiGLU of a fused gate/up
 // projection, rounded like transformers' `up * act_fn(gate)` (silu rounded, then the product).
-// One block per row (no per-element division); 16-byte loads when m allows.
+// One block per row (no per-element division); 16-byte loads when m allows. In bf16/f16 the sigmoid
+// takes the fast exp and division (a few f32 ulps, far below the rounding to 16 bits that follows; the
+// 9B benchmark's outputs are bit-identical): 12% less time than with the IEEE ones on an H200.
 template <typename T>
 __device__ __forceinline__ T swiglu_one(T g, T u) {
   float x = to_f(g);
-  return from_f<T>(round_t<T>(x / (1.0f + expf(-x))) * to_f(u));
+  float silu = sizeof(T) == 2 ? __fdividef(x, 1.0f + __expf(-x)) : x / (1.0f + expf(-x));
+  return from_f<T>(round_t<T>(silu) * to_f(u));
 }
 
 __device__ __forceinline__ float block_reduce(float v, bool is_max, float *shared) {
