@@ -105,15 +105,30 @@ enum Width {
 }
 
 impl Width {
-    fn of(self, items: impl Iterator<Item = (usize, usize)>) -> usize {
-        let (mut h, mut t, mut total) = (0, 0, 0);
-        for (a, b) in items {
-            (h, t, total) = (h.max(a), t.max(b), total.max(a + b));
-        }
+    /// The width of items whose longest head, tail and head + tail are `longest` (`Longest::of`).
+    fn of(self, longest: Longest) -> usize {
         match self {
-            Width::Total => total,
-            Width::HeadTail => h + t,
+            Width::Total => longest.total,
+            Width::HeadTail => longest.head + longest.tail,
         }
+    }
+}
+
+/// The longest head, tail and head + tail of some items.
+#[derive(Clone, Copy, Default)]
+struct Longest {
+    head: usize,
+    tail: usize,
+    total: usize,
+}
+
+impl Longest {
+    fn with(self, (h, t): (usize, usize)) -> Self {
+        Longest { head: self.head.max(h), tail: self.tail.max(t), total: self.total.max(h + t) }
+    }
+
+    fn of(items: impl Iterator<Item = (usize, usize)>) -> Self {
+        items.fold(Longest::default(), Longest::with)
     }
 }
 
@@ -123,7 +138,7 @@ impl Width {
 /// less), and the plan with fewer laid-out tokens is kept. Batches run widest first: the one that
 /// needs the most memory runs first, so an out-of-memory retry wastes little.
 fn plan(lengths: &[(usize, usize)], per_item: usize, lim: BatchLimits, width: Width) -> Vec<Vec<usize>> {
-    let wide = |b: &Vec<usize>| width.of(b.iter().map(|&i| lengths[i]));
+    let wide = |b: &Vec<usize>| width.of(Longest::of(b.iter().map(|&i| lengths[i])));
     let laid_out = |p: &Vec<Vec<usize>>| p.iter().map(|b| b.len() * wide(b)).sum::<usize>();
     let mut order: Vec<usize> = (0..lengths.len()).collect();
     order.sort_by_key(|&i| (std::cmp::Reverse(lengths[i].0 + lengths[i].1), i));
@@ -146,16 +161,19 @@ fn pack(
 ) -> Vec<Vec<usize>> {
     let mut out: Vec<Vec<usize>> = Vec::new();
     let mut cur: Vec<usize> = Vec::new();
+    let mut longest = Longest::default();
     for &i in order {
         let (h, t) = lengths[i];
         let rows = (cur.len() + 1) * per_item;
-        let wide = width.of(cur.iter().chain([&i]).map(|&j| lengths[j]));
+        let wide = width.of(longest.with((h, t)));
         if !cur.is_empty()
             && (rows > lim.max_rows.max(per_item) || rows * wide > lim.max_tokens.max((h + t) * per_item))
         {
             out.push(std::mem::take(&mut cur));
+            longest = Longest::default();
         }
         cur.push(i);
+        longest = longest.with((h, t));
     }
     if !cur.is_empty() {
         out.push(cur);
@@ -272,9 +290,8 @@ struct Prepared {
     sel: Vec<Variant>,
     /// (variant index, item index) per row
     which: Vec<(usize, usize)>,
-    /// With kept caches: where the prompts are in them.
-    prompts: Option<Prompts>,
-    cache: Option<Cache>,
+    /// With kept caches: the pass's cache, and where the prompts are in it.
+    kept: Option<(Cache, Prompts)>,
     /// Flat positions whose hidden states the pass returns (all when empty and not pruned).
     wanted: Vec<u32>,
     /// Indices into the returned hidden states: where each target is predicted, the targets, and
@@ -314,7 +331,6 @@ fn prepare_batch(
     let t = ids.dims()[1];
     simulated_oom(rows.len() * t)?;
     let row_sel = RowSelection::new(sel.clone(), model.device(), model.dtype());
-    let cache = keep.then(|| model.new_cache(t));
     // Logits only where a label follows: position j-1 predicts label j.
     let mut at = Vec::new();
     let mut tgt = Vec::new();
@@ -359,12 +375,12 @@ fn prepare_batch(
         row_sel,
         sel,
         which,
-        prompts: if keep {
-            Some(Prompts { heads, width, window: idx.narrow(0, 2 * n_at + n_last, n_win)? })
+        kept: if keep {
+            let window = idx.narrow(0, 2 * n_at + n_last, n_win)?;
+            Some((model.new_cache(t), Prompts { heads, width, window }))
         } else {
             None
         },
-        cache,
         wanted,
         at: idx.narrow(0, 0, n_at)?,
         targets: idx.narrow(0, n_at, n_at)?,
@@ -397,7 +413,7 @@ fn score_batches(
             ids: &p.ids,
             pad: &p.pads,
             sel: &p.row_sel,
-            cache: p.cache.as_mut(),
+            cache: p.kept.as_mut().map(|(c, _)| c),
             keep: prune_enabled().then_some(p.wanted.as_slice()),
         })
         .collect();
@@ -425,9 +441,8 @@ fn score_batches(
         for (x, &(vi, i)) in picked.into_iter().zip(&p.owner) {
             out[vi][i].push(x);
         }
-        let (Some(mut cache), Some(first)) = (p.cache, first) else { continue };
+        let (Some((mut cache, pr)), Some(first)) = (p.kept, first) else { continue };
         let first = first.to_vec1()?;
-        let Some(pr) = &p.prompts else { bail!("internal: a kept cache without its prompts") };
         cache.keep_windows(&pr.window, pr.width)?;
         // Each prompt now ends at the cache's last position.
         let pads = pr.heads.iter().map(|h| pr.width - h).collect();
