@@ -523,7 +523,7 @@ fn run_all(
         *c = used[i] <= 1 && !needs_gen(i); // nothing to run
     }
 
-    // Shared items: scored with their prompts right-aligned, caches kept, decoded in groups.
+    // Shared items: scored whole (prompt, then target), the prompts' caches kept, decoded in groups.
     let todo: Vec<usize> = (0..n).filter(|&i| shared[i]).collect();
     let lengths: Vec<(usize, usize)> = todo.iter().map(|&i| (prompts[i].len(), used[i] - prompts[i].len())).collect();
     let mut pending: Vec<Pending> = Vec::new();
