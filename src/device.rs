@@ -30,6 +30,16 @@ pub fn gpu_memory(device: &Device) -> Option<(u64, u64, u64)> {
     None
 }
 
+/// The GPU's memory in bytes; None on CPU.
+#[allow(unused_variables)]
+pub fn gpu_total_memory(device: &Device) -> Option<u64> {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(c) = device {
+        return pool::total(c);
+    }
+    None
+}
+
 /// The CUDA memory pool that candle's allocations come from (cuMemAllocAsync on the default pool).
 #[cfg(feature = "cuda")]
 pub mod pool {
@@ -90,6 +100,15 @@ pub mod pool {
             get(A::CU_MEMPOOL_ATTR_USED_MEM_HIGH)?,
             get(A::CU_MEMPOOL_ATTR_RESERVED_MEM_HIGH)?,
         ))
+    }
+
+    /// The device's memory, bytes.
+    pub fn total(c: &CudaDevice) -> Option<u64> {
+        let ctx = c.cuda_stream().context().clone();
+        let mut bytes = 0usize;
+        // SAFETY: a valid device handle and an out pointer.
+        let r = unsafe { sys::cuDeviceTotalMem_v2(&mut bytes, ctx.cu_device()) };
+        (r == sys::CUresult::CUDA_SUCCESS && bytes > 0).then_some(bytes as u64)
     }
 
     /// Hands the pool's unused memory back (before retrying after running out of memory).

@@ -92,6 +92,10 @@ struct VerifyArgs {
     /// Rows per forward pass, or auto.
     #[arg(long, value_name = "N|auto", default_value = "auto")]
     batch_size: String,
+    /// The most GPU memory the run may take, CUDA context included (as nvidia-smi counts it), e.g.
+    /// 22GB or 20GiB: batches shrink to fit (slower). Default: 95% of the card's memory. CUDA only.
+    #[arg(long, value_name = "SIZE", value_parser = parse_gpu_memory)]
+    gpu_memory: Option<u64>,
     #[arg(long, value_enum, default_value = "text")]
     format: Format,
     /// Write the report here (atomically) instead of stdout.
@@ -125,6 +129,10 @@ struct InspectArgs {
     rows: usize,
 }
 
+fn parse_gpu_memory(s: &str) -> Result<u64, String> {
+    glm4_verify::score::budget::parse_size(s)
+}
+
 fn options(a: &VerifyArgs) -> anyhow::Result<Options> {
     let suite = match &a.suite {
         Some(p) => Suite::read(p)?,
@@ -154,6 +162,7 @@ fn options(a: &VerifyArgs) -> anyhow::Result<Options> {
         dtype: a.dtype.clone(),
         max_new_tokens: a.max_new_tokens,
         batch_size,
+        gpu_memory: a.gpu_memory,
         split: a.split.clone(),
         ignore_eos: a.ignore_eos,
         progress: !a.quiet && std::io::stderr().is_terminal(),

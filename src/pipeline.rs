@@ -18,6 +18,7 @@ use crate::finding::Finding;
 use crate::model;
 use crate::model::profile::{mark, section};
 use crate::report::{AdapterInfo, BaseInfo, GpuMemory, Report, Timings, SCHEMA_VERSION};
+use crate::score::budget;
 use crate::score::engine::{is_out_of_memory, score_and_generate, BatchLimits, GenOptions, Variant};
 use crate::score::metrics::{summarize, Measured};
 use crate::suite::Suite;
@@ -39,6 +40,8 @@ pub struct Options {
     pub dtype: String,
     pub max_new_tokens: Option<usize>,
     pub batch_size: Option<usize>,
+    /// The most GPU memory the run may take, bytes (CUDA context included); None: 95% of the card's.
+    pub gpu_memory: Option<u64>,
     /// Which data_config file a data directory is read through: train, val or test.
     pub split: String,
     /// Generate exactly max-new-tokens per row (benchmarks).
@@ -61,6 +64,7 @@ impl Default for Options {
             dtype: "auto".into(),
             max_new_tokens: None,
             batch_size: None,
+            gpu_memory: None,
             split: "train".into(),
             ignore_eos: false,
             progress: false,
@@ -525,6 +529,12 @@ pub fn verify(opts: &Options) -> Result<Vec<Report>> {
     // threads, while the device scores: they need neither the device nor the model.
     let (effect_slots, jobs): (Vec<(usize, usize)>, Vec<_>) =
         effect_jobs.into_iter().map(|(r, at, m)| ((r, at), m)).unzip();
+    // Where the input embedding lies in the files, for a tight memory budget (`fit_memory`).
+    let embed_file = {
+        let name = model::glm::embed_name(base_cfg.layout);
+        let dt = base_weights.dtype(name);
+        base_weights.raw(name).ok().zip(dt).map(|((map, range, _), dt)| (map, range, dt))
+    };
     let effect_job = {
         let (cfg, upload) = (base_cfg.clone(), base.pending_weights());
         std::thread::spawn(move || -> Result<Vec<Vec<Finding>>> {
@@ -543,7 +553,9 @@ pub fn verify(opts: &Options) -> Result<Vec<Report>> {
     let mut load_s = t_load.elapsed().as_secs_f64();
     let used_after_load = device::gpu_memory(&dev).map(|(now, _, _)| now);
 
-    let lim = limits(opts, &dev, &base.cfg)?;
+    let caps = limits(opts, &dev, &base.cfg)?;
+    let (lim, budget) = fit_memory(opts, &dev, &mut base, caps, dtype, embed_file)?;
+    let embedding_on_host = base.embedding_on_host();
     let gen_opts = GenOptions { stop_at_eos: !opts.ignore_eos };
     let items: Vec<(Vec<u32>, Vec<i64>)> =
         prepared.iter().map(|p| (p.encoded.input_ids.clone(), p.encoded.labels.clone())).collect();
@@ -655,6 +667,9 @@ pub fn verify(opts: &Options) -> Result<Vec<Report>> {
         "split": opts.split,
         "device": dinfo.name,
         "dtype": device::dtype_name(dtype),
+        "gpu_memory_budget_gb": budget.map(|b| b as f64 / 1e9),
+        "batch_limits": lim.to_string(),
+        "embedding_in_host_memory": embedding_on_host,
     });
     let decode = |ids: &[u32]| tok.decode(ids, true).unwrap_or_default();
     let mut reports = Vec::new();
@@ -906,6 +921,53 @@ fn limits(opts: &Options, dev: &Device, cfg: &model::ModelConfig) -> Result<Batc
     lim.max_tokens = lim.max_tokens.min(MAX_ELEMS / widest).max(1);
     lim.max_logit_rows = lim.max_logit_rows.min(MAX_ELEMS / cfg.vocab_size.max(1)).max(1);
     Ok(lim)
+}
+
+/// GPU memory beyond the tensors: the CUDA context, cuBLAS's and the kernels' modules (~0.73 GB
+/// on an H200 with CUDA 13, nvidia-smi against the pool's peak).
+const CUDA_CONTEXT: u64 = 750_000_000;
+
+/// On CUDA, `caps` shrunk to the memory budget (`--gpu-memory`, or 95% of the card's), returned
+/// with it. The budget comes from the card's size (or the flag), not from the memory free at the
+/// start, so that the same inputs on the same card give the same batches (and bits) every run.
+/// When the budget shrinks the batches, the input embedding's table moves to host memory first.
+#[cfg_attr(not(feature = "cuda"), allow(unused_mut, unused_variables))]
+fn fit_memory(
+    opts: &Options,
+    dev: &Device,
+    base: &mut model::Glm,
+    caps: BatchLimits,
+    dtype: DType,
+    embed_file: Option<(std::sync::Arc<memmap2::Mmap>, std::ops::Range<usize>, DType)>,
+) -> Result<(BatchLimits, Option<u64>)> {
+    let Some(total) = device::gpu_total_memory(dev) else { return Ok((caps, None)) };
+    let budget = opts.gpu_memory.unwrap_or(total / 20 * 19);
+    let costs = budget::Costs::of(&base.cfg, dtype);
+    // The pool's reserve ran up to 14% past the tensors' estimate (fragmentation; BENCHMARKS.md).
+    let work = |model: u64| budget.saturating_sub(model + CUDA_CONTEXT) / 7 * 6;
+    let mut fitted = budget::fit(caps, &costs, work(base.bytes() as u64));
+    #[cfg(feature = "cuda")]
+    if fitted != Some(caps) && base.embedding_to_host(embed_file)? > 0 {
+        fitted = budget::fit(caps, &costs, work(base.bytes() as u64));
+    }
+    match fitted {
+        Some(lim) => Ok((lim, Some(budget))),
+        None if opts.gpu_memory.is_some() => {
+            let model = base.bytes() as u64;
+            let least = budget::least(caps, &costs) / 6 * 7 + model + CUDA_CONTEXT;
+            bail!(
+                "--gpu-memory {:.1} GB is too little: the model takes {:.1} GB on the GPU, the CUDA context ~{:.1} GB \
+                 and the smallest batches ~{:.1} GB more; give at least {:.1} GB",
+                budget as f64 / 1e9,
+                model as f64 / 1e9,
+                CUDA_CONTEXT as f64 / 1e9,
+                (least - model - CUDA_CONTEXT) as f64 / 1e9,
+                least as f64 / 1e9
+            )
+        }
+        // A card too small for the model fails at its load; near that, the out-of-memory retry.
+        None => Ok((caps, Some(budget))),
+    }
 }
 
 /// A spinner on stderr naming the stage running (indicatif); nothing when off.

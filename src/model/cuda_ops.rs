@@ -2,7 +2,11 @@
 //! instead of chains of candle ops that each pass over a large tensor.
 
 use candle_core::backend::BackendStorage;
-use candle_core::cuda_backend::cudarc::driver::{CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg};
+use std::sync::Arc;
+
+use candle_core::cuda_backend::cudarc::driver::{
+    sys, CudaSlice, CudaStream, CudaView, DeviceRepr, LaunchConfig, PushKernelArg,
+};
 use candle_core::cuda_backend::{CudaDType, WrapErr};
 use candle_core::{
     CpuStorage, CudaDevice, CudaStorage, CustomOp1, CustomOp2, CustomOp3, DType, InplaceOp2, Layout, Shape, Tensor,
@@ -846,5 +850,150 @@ impl CustomOp3 for Flash {
             DType::F16 => self.go::<f16>((q, ql), (k, kl), (v, vl)),
             d => candle_core::bail!("flash attention takes bf16 or f16, not {d:?}"),
         }
+    }
+}
+
+/// A [rows, cols] table in page-locked host memory that the gather kernel reads in place, over
+/// the bus: the input embedding when GPU memory is tight (a lookup reads one row per token, a
+/// few MB per pass, where the table takes 1.2 GB of the GPU on GLM-4-9B).
+pub struct HostRows {
+    backing: Backing,
+    /// Where the lookups run: waited for before the memory goes.
+    stream: Arc<CudaStream>,
+    /// The table's address as kernels see it (unified addressing).
+    ptr: u64,
+    bytes: usize,
+    cols: usize,
+    dtype: DType,
+}
+
+enum Backing {
+    /// A copy in page-locked memory.
+    Pinned(#[allow(dead_code)] candle_core::cuda_backend::cudarc::driver::PinnedHostSlice<u8>),
+    /// The pages of a memory-mapped file (in the page cache), registered read-only where they are.
+    File { _map: Arc<memmap2::Mmap>, start: usize },
+}
+
+impl Drop for HostRows {
+    fn drop(&mut self) {
+        // The lookups queued on the stream read the memory until they end.
+        let _ = self.stream.synchronize();
+        if let Backing::File { start, .. } = self.backing {
+            if self.stream.context().bind_to_thread().is_ok() {
+                // SAFETY: `start` was registered by `HostRows::from_file`, and nothing reads it now.
+                let _ = unsafe { sys::cuMemHostUnregister(start as *mut std::ffi::c_void) };
+            }
+        }
+    }
+}
+
+impl HostRows {
+    /// A copy of `t` [rows, cols] (contiguous, on CUDA) in mapped host memory.
+    pub fn from_device(t: &Tensor) -> candle_core::Result<Self> {
+        use candle_core::cuda_backend::cudarc::driver::DevicePtr;
+        let (_, cols) = t.dims2()?;
+        let t = t.contiguous()?;
+        let (storage, layout) = t.storage_and_layout();
+        let candle_core::Storage::Cuda(s) = &*storage else { candle_core::bail!("host rows: a CUDA tensor expected") };
+        let dev = s.device().clone();
+        let stream = dev.cuda_stream();
+        let bytes = t.elem_count() * t.dtype().size_in_bytes();
+        let ctx = stream.context().clone();
+        let flags = sys::CU_MEMHOSTALLOC_DEVICEMAP | sys::CU_MEMHOSTALLOC_PORTABLE;
+        // SAFETY: every byte is written by the copy below before any read.
+        let mut host = unsafe { ctx.alloc_pinned_with_flags::<u8>(bytes, flags) }.w()?;
+        let dst = host.as_mut_ptr().w()?;
+        let (a, _) = contiguous(layout, "host rows")?;
+        let src = by_dtype!(t.dtype(), T => {
+            let v = s.as_cuda_slice::<T>()?.slice(a..a + t.elem_count());
+            let p = v.device_ptr(&stream).0;
+            p
+        });
+        let mut ptr: sys::CUdeviceptr = 0;
+        // SAFETY: `dst` holds `bytes` bytes, `src` as many on the device; the copy ends before return.
+        unsafe {
+            sys::cuMemcpyDtoHAsync_v2(dst as *mut std::ffi::c_void, src, bytes, stream.cu_stream()).result().w()?;
+            stream.synchronize().w()?;
+            sys::cuMemHostGetDevicePointer_v2(&mut ptr, dst as *mut std::ffi::c_void, 0).result().w()?;
+        }
+        Ok(HostRows { backing: Backing::Pinned(host), stream: stream.clone(), ptr, bytes, cols, dtype: t.dtype() })
+    }
+
+    /// The table at `range` of a memory-mapped file, [rows, cols] of `dtype` as stored, used in
+    /// place: its pages are registered with the driver (read-only), not copied; ~35 GB/s against
+    /// ~3 GB/s for allocating page-locked memory and copying into it.
+    pub fn from_file(
+        map: Arc<memmap2::Mmap>,
+        range: std::ops::Range<usize>,
+        cols: usize,
+        dtype: DType,
+        dev: &CudaDevice,
+    ) -> candle_core::Result<Self> {
+        const PAGE: usize = 4096;
+        let stream = dev.cuda_stream();
+        stream.context().bind_to_thread().w()?;
+        let base = map.as_ptr() as usize;
+        let (start, end) = ((base + range.start) / PAGE * PAGE, (base + range.end).next_multiple_of(PAGE));
+        let flags =
+            sys::CU_MEMHOSTREGISTER_DEVICEMAP | sys::CU_MEMHOSTREGISTER_READ_ONLY | sys::CU_MEMHOSTREGISTER_PORTABLE;
+        let mut ptr: sys::CUdeviceptr = 0;
+        // SAFETY: [start, end) lies in the map's pages (mappings cover whole pages), which the
+        // returned value keeps mapped until it unregisters them.
+        unsafe {
+            sys::cuMemHostRegister_v2(start as *mut std::ffi::c_void, end - start, flags).result().w()?;
+            let backing = Backing::File { _map: map, start };
+            let mut rows = HostRows { backing, stream, ptr: 0, bytes: range.len(), cols, dtype };
+            sys::cuMemHostGetDevicePointer_v2(&mut ptr, start as *mut std::ffi::c_void, 0).result().w()?;
+            rows.ptr = ptr + (base + range.start - start) as u64;
+            Ok(rows)
+        }
+    }
+
+    /// Bytes of the table.
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    /// Rows `idx` ([N] u32 on the device) → [N, cols] on the device.
+    pub fn gather(&self, idx: &Tensor) -> candle_core::Result<Tensor> {
+        idx.apply_op1_no_bwd(self)
+    }
+}
+
+impl CustomOp1 for HostRows {
+    cuda_only!(op1, "host-rows");
+
+    fn cuda_fwd(&self, i: &CudaStorage, il: &Layout) -> candle_core::Result<(CudaStorage, Shape)> {
+        if i.dtype() != DType::U32 {
+            candle_core::bail!("host rows: indices must be u32, not {:?}", i.dtype());
+        }
+        let n = il.shape().elem_count();
+        let dev = i.device().clone();
+        let iv = view::<u32>(i, il, "host rows", 1)?;
+        let cols = self.cols;
+        by_dtype!(self.dtype, T => {
+            // SAFETY: every element is written by the kernel.
+            let out = unsafe { dev.alloc::<T>(n * cols)? };
+            if n > 0 {
+                let func =
+                    dev.get_or_load_custom_func(&format!("gather_rows_{}", suffix(self.dtype)?), MODULE, PTX)?;
+                let cfg = LaunchConfig {
+                    grid_dim: (n.min(1 << 30) as u32, 1, 1),
+                    block_dim: (128, 1, 1),
+                    shared_mem_bytes: 0,
+                };
+                let (nn, cc) = (n as i64, cols as i64);
+                let mut b = func.builder();
+                b.arg(&self.ptr);
+                b.arg(&iv);
+                b.arg(&out);
+                b.arg(&nn);
+                b.arg(&cc);
+                // SAFETY: the kernel takes (src, idx, out, n, cols); src is the mapped table, whose
+                // rows the indices (token ids, checked against the vocabulary) stay within.
+                unsafe { b.launch(cfg) }.w()?;
+            }
+            Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from((n, cols))))
+        })
     }
 }

@@ -75,7 +75,10 @@ pub struct Glm {
     /// Weights still arriving (a streamed load); see `Drop`.
     pending: Option<Arc<dyn Pending>>,
     pub cfg: ModelConfig,
+    /// [vocab, H] on the device; [0, H] once moved to host memory (`embedding_to_host`).
     embed: Tensor,
+    #[cfg(feature = "cuda")]
+    host_embed: Option<super::cuda_ops::HostRows>,
     layers: Vec<Layer>,
     final_norm: Tensor,
     lm_head: Tensor,
@@ -233,6 +236,14 @@ impl Cache {
     }
 }
 
+/// The input embedding's tensor name in a checkpoint of `layout`.
+pub fn embed_name(layout: Layout) -> &'static str {
+    match layout {
+        Layout::Chatglm => "transformer.embedding.word_embeddings.weight",
+        _ => "model.embed_tokens.weight",
+    }
+}
+
 impl Glm {
     /// Loads a model directory's weights in `dtype` onto `device`.
     pub fn load(cfg: ModelConfig, weights: &dyn TensorSource, dtype: DType, device: &Device) -> Result<Self> {
@@ -261,13 +272,10 @@ impl Glm {
         let one = |layer: usize, t: Target, name: String| lin(layer, t, &[(&name, &t.dims(c))], None);
         let last_part = c.num_layers + 1;
         weights.begin_part(0);
-        let (embed_name, norm_name, head_name) = match c.layout {
-            Layout::Chatglm => (
-                "transformer.embedding.word_embeddings.weight",
-                "transformer.encoder.final_layernorm.weight",
-                "transformer.output_layer.weight",
-            ),
-            _ => ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"),
+        let embed_name = embed_name(c.layout);
+        let (norm_name, head_name) = match c.layout {
+            Layout::Chatglm => ("transformer.encoder.final_layernorm.weight", "transformer.output_layer.weight"),
+            _ => ("model.norm.weight", "lm_head.weight"),
         };
         let embed = ld(embed_name, &[c.vocab_size, h])?;
         let lm_head = if c.tie_word_embeddings && !weights.contains(head_name) {
@@ -349,6 +357,8 @@ impl Glm {
             pending: None,
             cfg,
             embed,
+            #[cfg(feature = "cuda")]
+            host_embed: None,
             layers,
             final_norm,
             lm_head,
@@ -394,6 +404,73 @@ impl Glm {
     /// model loaded at once.
     pub fn weights_arrived(&self) -> Option<std::time::Instant> {
         self.pending.as_ref().and_then(|w| w.finished())
+    }
+
+    /// Bytes of the model's tensors (weights, adapters' stacks) on its device.
+    pub fn bytes(&self) -> usize {
+        let b = super::tensor_bytes;
+        let layers: usize = self
+            .layers
+            .iter()
+            .map(|l| {
+                let norms = [Some(&l.input_norm), Some(&l.post_attn_norm), l.post_self_attn_norm.as_ref()];
+                let norms: usize = norms.into_iter().chain([l.post_mlp_norm.as_ref()]).flatten().map(b).sum();
+                norms + [&l.qkv, &l.o, &l.gate_up, &l.down].iter().map(|x| x.bytes()).sum::<usize>()
+            })
+            .sum();
+        let head = if self.lm_head.id() == self.embed.id() { 0 } else { b(&self.lm_head) };
+        b(&self.embed) + head + b(&self.final_norm) + layers
+    }
+
+    /// Moves the input embedding's table to host memory, read there by the lookups (one row per
+    /// token over the bus: a few MB per pass), freeing its GPU memory (1.24 GB on GLM-4-9B) for
+    /// batches. `file`: where the table lies in a memory-mapped checkpoint and its dtype there;
+    /// in the run's dtype, its pages are used in place, else copied from the device. Not for a
+    /// table shared with the output layer (tied embeddings). Returns the bytes freed on the device.
+    #[cfg(feature = "cuda")]
+    pub fn embedding_to_host(
+        &mut self,
+        file: Option<(Arc<memmap2::Mmap>, std::ops::Range<usize>, DType)>,
+    ) -> Result<usize> {
+        let Device::Cuda(dev) = &self.device else { return Ok(0) };
+        if self.host_embed.is_some() || self.lm_head.id() == self.embed.id() {
+            return Ok(0);
+        }
+        let (rows, cols) = self.embed.dims2()?;
+        let in_place = file
+            .filter(|(_, r, dt)| *dt == self.dtype && r.len() == rows * cols * self.dtype.size_in_bytes())
+            .and_then(|(map, r, _)| super::cuda_ops::HostRows::from_file(map, r, cols, self.dtype, dev).ok());
+        let table = match in_place {
+            Some(t) => t,
+            None => {
+                self.ready(0)?;
+                super::cuda_ops::HostRows::from_device(&self.embed)?
+            }
+        };
+        let freed = table.bytes();
+        self.host_embed = Some(table);
+        // The lookups no longer read the device's table: it goes once its copy (if any) is done.
+        self.ready(0)?;
+        self.embed = Tensor::zeros((0, self.cfg.hidden_size), self.dtype, &self.device)?;
+        Ok(freed)
+    }
+
+    /// Whether the input embedding's table is in host memory (`embedding_to_host`).
+    pub fn embedding_on_host(&self) -> bool {
+        #[cfg(feature = "cuda")]
+        if self.host_embed.is_some() {
+            return true;
+        }
+        false
+    }
+
+    /// Embeddings of token ids [N] u32 → [N, H].
+    fn embed_tokens(&self, ids: &Tensor) -> Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        if let Some(t) = &self.host_embed {
+            return Ok(t.gather(ids)?);
+        }
+        Ok(self.embed.embedding(ids)?)
     }
 
     /// Number of adapters attached for the unmerged side path.
@@ -505,12 +582,17 @@ impl Glm {
         let last = self.layers.len().saturating_sub(1);
         for (i, layer) in self.layers.iter().enumerate() {
             self.ready(1 + i)?;
-            for p in passes.iter_mut() {
-                let kv = p.cache.as_deref_mut().map(|c| (c, i));
-                let keep = p.keep.as_ref().filter(|_| i == last);
-                let (nx, d) = self.layer(layer, &p.x, p.pending.as_ref(), &p.ctx, kv, keep)?;
-                (p.x, p.pending) = (nx, Some(d));
-            }
+            // Each pass's stream moves through the layer (freed as soon as the layer is done with it).
+            passes = passes
+                .into_iter()
+                .map(|mut p| {
+                    let kv = p.cache.as_deref_mut().map(|c| (c, i));
+                    let keep = p.keep.as_ref().filter(|_| i == last);
+                    let (nx, d) = self.layer(layer, p.x, p.pending.take(), &p.ctx, kv, keep)?;
+                    (p.x, p.pending) = (nx, Some(d));
+                    Ok(p)
+                })
+                .collect::<Result<Vec<_>>>()?;
         }
         passes.into_iter().map(|p| self.finish(p)).collect()
     }
@@ -547,7 +629,7 @@ impl Glm {
                 (Some(self.mask(pad, offset, t)?), None)
             };
             let ctx = Step { cos, sin, mask, pads, sel };
-            Ok((ctx, self.embed.embedding(&ids.flatten_all()?)?.reshape((b, t, self.cfg.hidden_size))?))
+            Ok((ctx, self.embed_tokens(&ids.flatten_all()?)?.reshape((b, t, self.cfg.hidden_size))?))
         })?;
         Ok(Pass { ctx, x, pending: None, cache, keep, empty, len: offset + t })
     }
@@ -611,18 +693,23 @@ impl Glm {
     fn layer(
         &self,
         l: &Layer,
-        x: &Tensor,
-        pending: Option<&Tensor>,
+        stream: Tensor,
+        pending: Option<Tensor>,
         ctx: &Step,
         kv: Option<(&mut Cache, usize)>,
         keep: Option<&Keep>,
     ) -> Result<(Tensor, Tensor)> {
         let mut sel = ctx.sel;
         let dev = &self.device;
+        // Each intermediate is dropped as soon as it is used (the pool reuses its memory for the
+        // next one): a scoring pass holds ~H + 3·I values per token at its peak instead of ~8·H + 3·I.
         // On CUDA the norms and SwiGLU write rows with room for the next linear's LoRA columns.
-        let (mut x, h) =
-            profile::section("norm_residual", dev, || self.add_norm(x, pending, &l.input_norm, l.qkv.input_width()))?;
+        let (mut x, h) = profile::section("norm_residual", dev, || {
+            self.add_norm(&stream, pending.as_ref(), &l.input_norm, l.qkv.input_width())
+        })?;
+        drop((stream, pending));
         let mut a = self.attention(l, &h, ctx, kv)?;
+        drop(h);
         if let Some(k) = keep {
             let pick = |t: &Tensor| -> Result<Tensor> {
                 let h = t.dim(D::Minus1)?;
@@ -630,20 +717,24 @@ impl Glm {
             };
             (x, a, sel) = (pick(&x)?, pick(&a)?, &k.sel);
         }
-        let (x, h) = profile::section("norm_residual", dev, || {
+        let (sum, h) = profile::section("norm_residual", dev, || {
             if let Some(n) = &l.post_self_attn_norm {
                 a = self.rms_norm(&a, n)?;
             }
             self.add_norm(&x, Some(&a), &l.post_attn_norm, l.gate_up.input_width())
         })?;
+        drop((x, a));
         let gu = l.gate_up.forward(&h, sel)?;
+        drop(h);
         let m = self.cfg.intermediate_size;
         let act = profile::section("swiglu", dev, || self.swiglu(&gu, m, l.down.input_width()))?;
+        drop(gu);
         let mut d = l.down.forward(&act, sel)?;
+        drop(act);
         if let Some(n) = &l.post_mlp_norm {
             d = profile::section("norm_residual", dev, || self.rms_norm(&d, n))?;
         }
-        Ok((x, d))
+        Ok((sum, d))
     }
 
     /// (x + a, RMSNorm(x + a)·w), or (x, RMSNorm(x)·w) without `a`; one kernel on CUDA, whose norm

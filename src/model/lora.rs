@@ -287,6 +287,12 @@ impl Linear {
         Ok(Linear { weight, in_features: cols - room, bias, lora: None })
     }
 
+    /// Bytes of its tensors on the device (weight with its room, bias, LoRA stack).
+    pub fn bytes(&self) -> usize {
+        let stack = self.lora.as_ref().map_or(0, |s| super::tensor_bytes(&s.a) + super::tensor_bytes(&s.b));
+        super::tensor_bytes(&self.weight) + self.bias.as_ref().map_or(0, super::tensor_bytes) + stack
+    }
+
     /// Columns of the weight after the base's.
     fn room(&self) -> usize {
         self.weight.dims()[1] - self.in_features

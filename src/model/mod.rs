@@ -24,6 +24,11 @@ pub use glm::{Glm, Target};
 
 static LOADS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
+/// Bytes of a tensor's elements.
+pub fn tensor_bytes(t: &candle_core::Tensor) -> usize {
+    t.elem_count() * t.dtype().size_in_bytes()
+}
+
 /// How many model directories this process has loaded (compare reports it: the base loads once).
 pub fn loads() -> usize {
     LOADS.load(std::sync::atomic::Ordering::Relaxed)

@@ -13,7 +13,7 @@ use crate::tokenizer::recipe::IGNORE;
 pub type Variant = Option<usize>;
 
 /// Limits for one forward pass.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BatchLimits {
     /// Rows scored together, and rows decoded together.
     pub max_rows: usize,
