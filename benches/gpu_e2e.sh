@@ -9,7 +9,8 @@
 #   BIN=devbox/glm4-verify ANCHOR=devbox/hf_peft_anchor.py TOK=devbox/tokenizer benches/gpu_e2e.sh
 # Env: DIR (generated model, default /tmp/glm4-9b-random), LAYERS (default 40), OUT (results folder),
 # SKIP_BEST=1 to skip the anchor's --gen-batch 128 setting, PROFILE=1 for a profiled run of glm4-verify,
-# LEAN=limits for one more run with GLM4_VERIFY_LIMITS=limits (smaller batches: peak memory vs speed).
+# LEAN=limits for one more run with GLM4_VERIFY_LIMITS=limits (smaller batches: peak memory vs speed),
+# BUDGET=size for one more run with --gpu-memory size (e.g. 21.67GB: the weights + 15%).
 # Every step has its own time limit (STEP_S, default 300 s) so one stuck step cannot take the rest.
 set -euo pipefail
 BIN=${BIN:?path to the CUDA glm4-verify binary}
@@ -30,10 +31,11 @@ tail -1 "$OUT/anchor-default.log" | tee "$OUT/anchor-default.json"
 # The page cache holds the weights for both tools alike (the anchor read them last).
 # 2. glm4-verify: the same work (target log-probs with and without the adapter, 64 greedy tokens
 #    per prompt with and without), cold (PTX JIT) then warm; peak GPU memory sampled alongside.
-run_ours() { # name, env (VAR=value or -), adapters...
+run_ours() { # name, env (VAR=value or -), adapters... (and $EXTRA: more flags)
   local name=$1 envs=$2; shift 2
   local args=()
   for a in "$@"; do args+=(--adapter "$a"); done
+  [ -n "${EXTRA:-}" ] && args+=($EXTRA)
   nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 50 > "$OUT/mem-$name.txt" &
   local smi=$!
   local t0; t0=$(date +%s%N)
@@ -57,6 +59,7 @@ fi
 # Again after the anchor's second run: the same numbers as "warm" say the machine did not change under us.
 run_ours again - "$DIR/adapter"
 [ -n "${LEAN:-}" ] && run_ours lean "GLM4_VERIFY_LIMITS=$LEAN" "$DIR/adapter"
+[ -n "${BUDGET:-}" ] && EXTRA="--gpu-memory $BUDGET" run_ours budget - "$DIR/adapter"
 # Where the time goes (device time per forward-pass section, synchronised: slower than a plain run).
 if [ -n "${PROFILE:-}" ]; then
   step env GLM4_VERIFY_PROFILE=1 "$BIN" --adapter "$DIR/adapter" --base "$DIR/base" --data "$DIR/data.jsonl" --max-new-tokens 64 \
@@ -75,15 +78,16 @@ def load(n):
         return None
 a, b = load("anchor-default.json"), load("anchor-best.json")
 warm, cold, four = load("ours-warm.json"), load("ours-cold.json"), load("ours-four.json")
-again, lean = load("ours-again.json"), load("ours-lean.json")
+again, lean, budget = load("ours-again.json"), load("ours-lean.json"), load("ours-budget.json")
 ww, wc, wf = load("wall-warm.json"), load("wall-cold.json"), load("wall-four.json")
-wa, wl_ = load("wall-again.json"), load("wall-lean.json")
+wa, wl_, wb = load("wall-again.json"), load("wall-lean.json"), load("wall-budget.json")
 def ours(r):
     if r is None: return None
     if "reports" in r: r = r["reports"][0]
     t = r["timings"]; return {"load_s": t["load_s"], "score_s": t["score_s"], "gen_s": t["generate_s"], "total_s": t["total_s"]}
 rows = [("transformers+PEFT default", a), ("transformers+PEFT --gen-batch 128", b), ("glm4-verify cold", ours(cold)), ("glm4-verify warm", ours(warm)),
-        ("glm4-verify again (after anchor)", ours(again)), ("glm4-verify lean limits", ours(lean))]
+        ("glm4-verify again (after anchor)", ours(again)), ("glm4-verify lean limits", ours(lean)),
+        ("glm4-verify --gpu-memory " + os.environ.get("BUDGET", ""), ours(budget))]
 print(f"{'':36}{'load_s':>9}{'score_s':>9}{'gen_s':>9}{'total_s':>9}")
 for n, r in rows:
     if r: print(f"{n:36}{r['load_s']:>9.2f}{r['score_s']:>9.2f}{r['gen_s']:>9.2f}{r['total_s']:>9.2f}")
@@ -96,7 +100,8 @@ if w and a:
 if warm:
     r = warm["reports"][0] if "reports" in warm else warm
     s = r["samples"]; print(f"glm4-verify: mean delta logprob per sample {sum(x['logprob_tuned'] - x['logprob_base'] for x in s) / len(s):.3f}; verdict {r['verdict']}")
-for n, wl, rep in (("cold", wc, cold), ("warm", ww, warm), ("four adapters", wf, four), ("again", wa, again), ("lean", wl_, lean)):
+for n, wl, rep in (("cold", wc, cold), ("warm", ww, warm), ("four adapters", wf, four), ("again", wa, again), ("lean", wl_, lean),
+                     ("budget", wb, budget)):
     if not wl: continue
     line = f"glm4-verify {n}: wall {wl['wall_s']:.2f}s, peak GPU memory {wl['peak_mem_mib']} MiB (nvidia-smi)"
     m = rep and (rep["reports"][0] if "reports" in rep else rep).get("gpu_memory")

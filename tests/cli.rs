@@ -248,6 +248,10 @@ fn bad_input_exits_2_with_a_clear_message() {
             vec!["--adapter".into(), f("adapters/good"), "--data".into(), f("data/train.jsonl")],
             "base_model_name_or_path",
         ),
+        (
+            vec!["--adapter".into(), f("adapters/good"), "--gpu-memory".into(), "lots".into()],
+            "expected a size such as 20GB",
+        ),
     ];
     for (args, msg) in cases {
         let out = bin().args(&args).output().unwrap();

@@ -186,7 +186,7 @@ mod tests {
             let bytes = (gb * 1e9) as u64;
             let lim = fit(cap, &c, bytes).unwrap();
             assert!(peak(&lim, &c) <= bytes, "{gb} GB: {lim} needs {}", peak(&lim, &c));
-            assert!(lim.max_tokens % 512 == 0 && lim.max_tokens <= cap.max_tokens);
+            assert!(lim.max_tokens.is_multiple_of(512) && lim.max_tokens <= cap.max_tokens);
             if let Some(l) = last {
                 assert!(lim.max_cache_tokens <= l.max_cache_tokens && lim.max_tokens <= l.max_tokens, "{gb} GB");
             }
