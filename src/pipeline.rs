@@ -530,11 +530,7 @@ pub fn verify(opts: &Options) -> Result<Vec<Report>> {
     let (effect_slots, jobs): (Vec<(usize, usize)>, Vec<_>) =
         effect_jobs.into_iter().map(|(r, at, m)| ((r, at), m)).unzip();
     // Where the input embedding lies in the files, for a tight memory budget (`fit_memory`).
-    let embed_file = {
-        let name = model::glm::embed_name(base_cfg.layout);
-        let dt = base_weights.dtype(name);
-        base_weights.raw(name).ok().zip(dt).map(|((map, range, _), dt)| (map, range, dt))
-    };
+    let embed_file = model::glm::embedding_in(&base_weights, base_cfg.layout);
     let effect_job = {
         let (cfg, upload) = (base_cfg.clone(), base.pending_weights());
         std::thread::spawn(move || -> Result<Vec<Vec<Finding>>> {
@@ -623,7 +619,15 @@ pub fn verify(opts: &Options) -> Result<Vec<Report>> {
                 continue;
             }
             let t = Instant::now();
-            let m = model::load_dir(dir, dtype, &dev)?;
+            let w = model::weights::Weights::open_dir(dir)?;
+            #[cfg_attr(not(feature = "cuda"), allow(unused_mut))]
+            let mut m = model::load_from(dir, &w, dtype, &dev)?;
+            // Within the same budget as the base: its embedding in host memory too.
+            #[cfg(feature = "cuda")]
+            if let (true, Device::Cuda(c)) = (embedding_on_host, &dev) {
+                m.embedding_to_host(model::glm::embedding_in(&w, m.cfg.layout))?;
+                device::pool::release_freed_memory(c);
+            }
             load_s += t.elapsed().as_secs_f64();
             let mut out = with_memory_retry(lim, &dev, &mut common, |lim| {
                 score_and_generate(&m, &items, &prompts, &max_new, &[None], lim, gen_opts)
@@ -966,8 +970,8 @@ fn fit_memory(
             let model = base.bytes() as u64;
             let least = budget::least(caps, &costs) / 6 * 7 + model + CUDA_CONTEXT;
             bail!(
-                "--gpu-memory {:.1} GB is too little: the model takes {:.1} GB on the GPU, the CUDA context ~{:.1} GB \
-                 and the smallest batches ~{:.1} GB more; give at least {:.1} GB",
+                "--gpu-memory {:.2} GB is too little: the model takes {:.2} GB on the GPU, the CUDA context ~{:.2} GB \
+                 and the smallest batches ~{:.2} GB more; give at least {:.2} GB",
                 budget as f64 / 1e9,
                 model as f64 / 1e9,
                 CUDA_CONTEXT as f64 / 1e9,

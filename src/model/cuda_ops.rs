@@ -930,6 +930,11 @@ impl HostRows {
         dev: &CudaDevice,
     ) -> candle_core::Result<Self> {
         const PAGE: usize = 4096;
+        // The kernel's 16-byte loads need 16-byte aligned rows (safetensors aligns tensors to
+        // their element size only).
+        if !(map.as_ptr() as usize + range.start).is_multiple_of(16) {
+            candle_core::bail!("host rows: the table is not 16-byte aligned in its file");
+        }
         let stream = dev.cuda_stream();
         stream.context().bind_to_thread().w()?;
         let base = map.as_ptr() as usize;

@@ -244,6 +244,17 @@ pub fn embed_name(layout: Layout) -> &'static str {
     }
 }
 
+/// Where the input embedding lies in a checkpoint's files: its file's map, byte range and dtype
+/// (for `Glm::embedding_to_host`).
+pub fn embedding_in(
+    weights: &super::weights::Weights,
+    layout: Layout,
+) -> Option<(Arc<memmap2::Mmap>, std::ops::Range<usize>, DType)> {
+    let name = embed_name(layout);
+    let dtype = weights.dtype(name)?;
+    weights.raw(name).ok().map(|(map, range, _)| (map, range, dtype))
+}
+
 impl Glm {
     /// Loads a model directory's weights in `dtype` onto `device`.
     pub fn load(cfg: ModelConfig, weights: &dyn TensorSource, dtype: DType, device: &Device) -> Result<Self> {
