@@ -1,5 +1,6 @@
 """GPU parity: glm4-verify's CUDA build against the transformers + PEFT ground truth of
-../shared/fixtures/glm4-tiny, in f32 (within 1e-4 relative) and bf16 (tolerance measured and printed).
+../shared/fixtures/glm4-tiny, in f32 (within 1e-4 relative) and bf16 (tolerance measured and printed);
+each also under a tight --gpu-memory (batches fitted, the input embedding read from host memory).
 
   python3 benches/gpu_parity.py BIN FIXTURES        (run on the GPU machine)
 """
@@ -13,14 +14,16 @@ cases = [("good", "adapters/good", "base"), ("untrained", "adapters/untrained", 
          ("merged-good-bf16", "merged/good-bf16", "base")]
 base_name = {"base": "base", "base-0414": "base-0414", "base-chatglm": "base"}
 ok = True
-for dtype in ("f32", "bf16"):
+for dtype, budget in [(d, b) for b in ([], ["--gpu-memory", "0.85GB"]) for d in ("f32", "bf16")]:
     for variant, adapter, base in cases:
         r = subprocess.run([bin_, "--adapter", f"{fx}/{adapter}", "--base", f"{fx}/{base}", "--data", f"{fx}/data/train.jsonl",
-                            "--device", "cuda", "--dtype", dtype, "--max-new-tokens", "24", "--format", "json"],
+                            "--device", "cuda", "--dtype", dtype, "--max-new-tokens", "24", "--format", "json"] + budget,
                            capture_output=True, text=True)
         if r.returncode not in (0, 1):
-            print("FAILED TO RUN", adapter, dtype, r.stderr); ok = False; continue
+            print("FAILED TO RUN", adapter, dtype, budget, r.stderr); ok = False; continue
         rep = json.loads(r.stdout)
+        if budget and not rep["run"].get("embedding_in_host_memory"):
+            print("NOT IN HOST MEMORY", adapter, dtype, budget); ok = False
         worst_b = worst_t = 0.0
         greedy_same = 0
         for s, want in zip(rep["samples"], train):
@@ -31,7 +34,7 @@ for dtype in ("f32", "bf16"):
         tol = 1e-4 if dtype == "f32" else 2e-2
         good = worst_b < tol and worst_t < tol
         ok &= good if dtype == "f32" else True
-        print(f"{dtype:5} {adapter:24} verdict {rep['verdict']:9} worst rel err base {worst_b:.2e} tuned {worst_t:.2e} "
+        print(f"{dtype:5}{' budget' if budget else '':7} {adapter:24} verdict {rep['verdict']:9} worst rel err base {worst_b:.2e} tuned {worst_t:.2e} "
               f"greedy text equal {greedy_same}/{len(train)} {'OK' if good else 'OVER ' + str(tol)}")
 print("GPU parity:", "PASS" if ok else "FAIL")
 sys.exit(0 if ok else 1)
