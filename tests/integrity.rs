@@ -160,3 +160,16 @@ fn reports_are_written_atomically() {
     assert!(err.contains("cannot write the report") && err.contains("blocked"), "{err}");
     assert_eq!(listing(), ["blocked", "report.json"]);
 }
+
+/// The memory budget counts the model's bytes on the device: for a checkpoint loaded in its own
+/// dtype, exactly its tensors' bytes.
+#[test]
+fn model_bytes_are_the_checkpoints_tensor_bytes() {
+    use candle_core::{DType, Device};
+    let dir = fixtures().join("base");
+    let weights = glm4_verify::model::weights::Weights::open_dir(&dir).unwrap();
+    let model = glm4_verify::model::load_dir(&dir, DType::F32, &Device::Cpu).unwrap();
+    assert_eq!(model.bytes(), weights.total_bytes());
+    let half = glm4_verify::model::load_dir(&dir, DType::BF16, &Device::Cpu).unwrap();
+    assert_eq!(half.bytes() * 2, weights.total_bytes());
+}
