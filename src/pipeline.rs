@@ -40,7 +40,8 @@ pub struct Options {
     pub dtype: String,
     pub max_new_tokens: Option<usize>,
     pub batch_size: Option<usize>,
-    /// The most GPU memory the run may take, bytes (CUDA context included); None: 95% of the card's.
+    /// The most GPU memory the run may take, bytes (CUDA context included); None: the suite's, else
+    /// 95% of the card's.
     pub gpu_memory: Option<u64>,
     /// Which data_config file a data directory is read through: train, val or test.
     pub split: String,
@@ -951,7 +952,9 @@ fn fit_memory(
     embed_file: Option<(std::sync::Arc<memmap2::Mmap>, std::ops::Range<usize>, DType)>,
 ) -> Result<(BatchLimits, Option<u64>)> {
     let Some(total) = device::gpu_total_memory(dev) else { return Ok((caps, None)) };
-    let budget = opts.gpu_memory.unwrap_or(total / 20 * 19);
+    let from_suite = opts.suite.gpu_memory.as_deref().and_then(|m| budget::parse_size(m).ok());
+    let asked = opts.gpu_memory.or(from_suite);
+    let budget = asked.unwrap_or(total / 20 * 19);
     let costs = budget::Costs::of(&base.cfg, dtype);
     // The pool's reserve ran up to 14% past the tensors' estimate (fragmentation; BENCHMARKS.md).
     let work = |model: u64| budget.saturating_sub(model + CUDA_CONTEXT) / 7 * 6;
@@ -968,11 +971,11 @@ fn fit_memory(
     }
     match fitted {
         Some(lim) => Ok((lim, Some(budget))),
-        None if opts.gpu_memory.is_some() => {
+        None if asked.is_some() => {
             let model = base.bytes() as u64;
             let least = budget::least(caps, &costs) / 6 * 7 + model + CUDA_CONTEXT;
             bail!(
-                "--gpu-memory {:.2} GB is too little: the model takes {:.2} GB on the GPU, the CUDA context ~{:.2} GB \
+                "a GPU memory budget of {:.2} GB (--gpu-memory, or the suite's gpu_memory) is too little: the model takes {:.2} GB on the GPU, the CUDA context ~{:.2} GB \
                  and the smallest batches ~{:.2} GB more; give at least {:.2} GB",
                 budget as f64 / 1e9,
                 model as f64 / 1e9,

@@ -61,6 +61,8 @@ pub struct Suite {
     pub seed: Option<u64>,
     pub max_new_tokens: Option<usize>,
     pub batch_size: Option<usize>,
+    /// As `--gpu-memory`: "22GB", "20GiB" (CUDA only).
+    pub gpu_memory: Option<String>,
     pub gates: Gates,
     pub regression: Regression,
     /// The file the suite was read from (None: built in).
@@ -101,6 +103,9 @@ impl Suite {
             if x == Some(0) {
                 bail!("{name} is 0: expected a positive number (or leave it out)");
             }
+        }
+        if let Some(m) = &self.gpu_memory {
+            crate::score::budget::parse_size(m).map_err(|e| anyhow::anyhow!("gpu_memory {e}"))?;
         }
         Ok(())
     }

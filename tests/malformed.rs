@@ -438,6 +438,7 @@ fn cases() -> Vec<Case> {
         c("suite with an unknown gate", 2, &["suite.yaml", "min_gain"], |w| { let p = w.write("suite.yaml", "gates:\n  min_gain: 1\n"); w.verify(&["--suite", &s(&p)]) }),
         c("suite with a string for a number", 2, &["suite.yaml", "samples"], |w| { let p = w.write("suite.yaml", "samples: ten\n"); w.verify(&["--suite", &s(&p)]) }),
         c("suite with a NaN gate", 2, &["suite.yaml", "min_answer_gain_per_token"], |w| { let p = w.write("suite.yaml", "gates:\n  min_answer_gain_per_token: .nan\n"); w.verify(&["--suite", &s(&p)]) }),
+        c("suite with a bad gpu_memory", 2, &["suite.yaml", "gpu_memory", "expected a size"], |w| { let p = w.write("suite.yaml", "gpu_memory: lots\n"); w.verify(&["--suite", &s(&p)]) }),
         c("suite not YAML", 2, &["suite.yaml"], |w| { let p = w.write("suite.yaml", "gates: [\n"); w.verify(&["--suite", &s(&p)]) }),
         c("suite missing", 2, &["no-suite.yaml"], |w| { let p = s(&w.path("no-suite.yaml")); w.verify(&["--suite", &p]) }),
         c("suite names a missing data file", 2, &["suite.yaml: data", "gone.jsonl: no such file"], |w| {
