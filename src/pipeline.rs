@@ -551,7 +551,8 @@ pub fn verify(opts: &Options) -> Result<Vec<Report>> {
     let used_after_load = device::gpu_memory(&dev).map(|(now, _, _)| now);
 
     let caps = limits(opts, &dev, &base.cfg)?;
-    let (lim, budget) = fit_memory(opts, &dev, &mut base, caps, dtype, embed_file)?;
+    let longest = prepared.iter().map(|p| p.encoded.input_ids.len()).max().unwrap_or(0);
+    let (lim, budget) = fit_memory(opts, &dev, &mut base, caps, dtype, longest, embed_file)?;
     let embedding_on_host = base.embedding_on_host();
     mark(if embedding_on_host {
         "batches fitted to the memory budget, embedding in host memory"
@@ -942,6 +943,7 @@ const CUDA_CONTEXT: u64 = 750_000_000;
 /// with it. The budget comes from the card's size (or the flag), not from the memory free at the
 /// start, so that the same inputs on the same card give the same batches (and bits) every run.
 /// When the budget shrinks the batches, the input embedding's table moves to host memory first.
+/// `longest`: the longest row, for attention's scores where they are held (no flash kernel).
 #[cfg_attr(not(feature = "cuda"), allow(unused_mut, unused_variables))]
 fn fit_memory(
     opts: &Options,
@@ -949,13 +951,17 @@ fn fit_memory(
     base: &mut model::Glm,
     caps: BatchLimits,
     dtype: DType,
+    longest: usize,
     embed_file: Option<(std::sync::Arc<memmap2::Mmap>, std::ops::Range<usize>, DType)>,
 ) -> Result<(BatchLimits, Option<u64>)> {
     let Some(total) = device::gpu_total_memory(dev) else { return Ok((caps, None)) };
     let from_suite = opts.suite.gpu_memory.as_deref().and_then(|m| budget::parse_size(m).ok());
     let asked = opts.gpu_memory.or(from_suite);
     let budget = asked.unwrap_or(total / 20 * 19);
-    let costs = budget::Costs::of(&base.cfg, dtype);
+    let mut costs = budget::Costs::of(&base.cfg, dtype);
+    if !base.uses_flash() {
+        costs = costs.with_attention_scores(&base.cfg, dtype, longest);
+    }
     // The pool's reserve ran up to 14% past the tensors' estimate (fragmentation; BENCHMARKS.md).
     let work = |model: u64| budget.saturating_sub(model + CUDA_CONTEXT) / 7 * 6;
     let mut fitted = budget::fit(caps, &costs, work(base.bytes() as u64));

@@ -873,6 +873,15 @@ impl Glm {
         cfg!(feature = "cuda") && self.device.is_cuda() && !self.differentiable && !unfused_requested()
     }
 
+    /// Whether attention runs the flash kernel, which holds no [B, heads, T, S] scores.
+    pub fn uses_flash(&self) -> bool {
+        #[cfg(feature = "cuda")]
+        if self.fused() && flash_enabled() && super::cuda_ops::flash_fits(self.cfg.head_dim, self.dtype) {
+            return true;
+        }
+        false
+    }
+
     /// Whether norms run as the fused kernel (its 16-byte loads need a hidden size in whole packs).
     #[cfg(feature = "cuda")]
     fn fused_norm(&self) -> bool {

@@ -44,6 +44,14 @@ impl Costs {
         }
     }
 
+    /// With attention the eager way (no flash kernel): a pass also holds its scores, [rows, heads,
+    /// T, T] in the model dtype, and a copy while they are scaled and masked: per token, twice
+    /// `heads · longest` values for rows of at most `longest` tokens.
+    pub fn with_attention_scores(mut self, cfg: &ModelConfig, dtype: DType, longest: usize) -> Self {
+        self.pass_token += 2 * (cfg.num_heads * longest * dtype.size_in_bytes()) as u64;
+        self
+    }
+
     /// Bytes of one scoring group at its peak: `first` passes of `tokens`, one of them in a
     /// layer; or, after them, their caches and a chunk of logits.
     fn scoring(&self, tokens: u64, first: u64, logit_rows: u64) -> u64 {
@@ -201,6 +209,19 @@ mod tests {
         let least = least(cap, &c);
         assert!(fit(cap, &c, least).is_some() && fit(cap, &c, least - 1).is_none());
         assert!((200_000_000..1_000_000_000).contains(&least), "{least}");
+    }
+
+    #[test]
+    fn eager_attention_scores_shrink_the_passes() {
+        let cfg = glm4_9b();
+        let flash = Costs::of(&cfg, DType::BF16);
+        let eager = flash.with_attention_scores(&cfg, DType::BF16, 1000);
+        // 2 · 32 heads · 1000 keys · 2 bytes per token on top.
+        assert_eq!(eager.pass_token - flash.pass_token, 128_000);
+        let bytes = 4_000_000_000;
+        let (a, b) = (fit(gpu_default(), &flash, bytes).unwrap(), fit(gpu_default(), &eager, bytes).unwrap());
+        assert!(b.max_tokens < a.max_tokens, "{a} / {b}");
+        assert!(peak(&b, &eager) <= bytes);
     }
 
     #[test]
