@@ -5,7 +5,7 @@ use candle_core::backend::BackendStorage;
 use std::sync::Arc;
 
 use candle_core::cuda_backend::cudarc::driver::{
-    sys, CudaSlice, CudaStream, CudaView, DeviceRepr, LaunchConfig, PushKernelArg,
+    sys, CudaSlice, CudaStream, CudaView, DevicePtr, DeviceRepr, LaunchConfig, PushKernelArg,
 };
 use candle_core::cuda_backend::{CudaDType, WrapErr};
 use candle_core::{
@@ -426,7 +426,7 @@ impl AddRmsNorm {
 
     /// Runs the kernel; returns the output ([sum | norm] with `a`, else norm) and the norm's row width.
     #[allow(clippy::too_many_arguments)]
-    fn go<T: CudaDType + DeviceRepr>(
+    fn go<T: CudaDType + DeviceRepr + candle_core::WithDType>(
         &self,
         x: (&CudaStorage, &Layout),
         a: Option<(&CudaStorage, &Layout)>,
@@ -618,7 +618,7 @@ pub fn target_log_probs(logits: &Tensor, targets: &Tensor) -> candle_core::Resul
 struct TargetLogProb;
 
 impl TargetLogProb {
-    fn go<T: CudaDType + DeviceRepr>(
+    fn go<T: CudaDType + DeviceRepr + candle_core::WithDType>(
         &self,
         x: (&CudaStorage, &Layout),
         tgt: (&CudaStorage, &Layout),
@@ -670,7 +670,7 @@ pub fn gather_rows(src: &Tensor, idx: &Tensor) -> candle_core::Result<Tensor> {
 struct GatherRows;
 
 impl GatherRows {
-    fn go<T: CudaDType + DeviceRepr>(
+    fn go<T: CudaDType + DeviceRepr + candle_core::WithDType>(
         &self,
         x: (&CudaStorage, &Layout),
         idx: (&CudaStorage, &Layout),
@@ -682,25 +682,43 @@ impl GatherRows {
         let align = if cols.is_multiple_of(pack(x.0.dtype())) { pack(x.0.dtype()) } else { 1 };
         let xv = view::<T>(x.0, x.1, "gather source", align)?;
         let iv = view::<u32>(idx.0, idx.1, "gather rows", 1)?;
-        // SAFETY: every element is written by the kernel.
-        let out = unsafe { dev.alloc::<T>(n * cols)? };
-        if n > 0 {
-            let func = dev.get_or_load_custom_func(&format!("gather_rows_{}", suffix(x.0.dtype())?), MODULE, PTX)?;
-            let cfg =
-                LaunchConfig { grid_dim: (n.min(1 << 30) as u32, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
-            let (nn, cc) = (n as i64, cols as i64);
-            let mut b = func.builder();
-            b.arg(&xv);
-            b.arg(&iv);
-            b.arg(&out);
-            b.arg(&nn);
-            b.arg(&cc);
-            // SAFETY: argument types match the kernel's signature; the callers' indices are below
-            // src's row count (they come from the engine's own layouts, not from input files).
-            unsafe { b.launch(cfg) }.w()?;
-        }
+        let stream = dev.cuda_stream();
+        let (src, _guard) = xv.device_ptr(&stream);
+        // SAFETY: the callers' indices are below src's row count (they come from the engine's own
+        // layouts, not from input files).
+        let out = unsafe { gather_launch::<T>(&dev, src, &iv, n, cols)? };
         Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from((n, cols))))
     }
+}
+
+/// Launches `gather_rows` (kernels/fused.cu): rows `idx` [n] of the [R, cols] table of T at device
+/// address `src` → a new [n, cols] buffer.
+/// # Safety
+/// Every index must be below the table's row count, and `src` valid until the kernel has run.
+unsafe fn gather_launch<T: CudaDType + DeviceRepr + candle_core::WithDType>(
+    dev: &CudaDevice,
+    src: u64,
+    idx: &CudaView<u32>,
+    n: usize,
+    cols: usize,
+) -> candle_core::Result<CudaSlice<T>> {
+    // SAFETY: every element is written by the kernel.
+    let out = unsafe { dev.alloc::<T>(n * cols)? };
+    if n > 0 {
+        let func = dev.get_or_load_custom_func(&format!("gather_rows_{}", suffix(T::DTYPE)?), MODULE, PTX)?;
+        let cfg = LaunchConfig { grid_dim: (n.min(1 << 30) as u32, 1, 1), block_dim: (128, 1, 1), shared_mem_bytes: 0 };
+        let (nn, cc) = (n as i64, cols as i64);
+        let mut b = func.builder();
+        b.arg(&src);
+        b.arg(idx);
+        b.arg(&out);
+        b.arg(&nn);
+        b.arg(&cc);
+        // SAFETY: the arguments match the kernel's (src, idx, out, n, cols); the caller vouches
+        // for the indices and the table.
+        unsafe { b.launch(cfg) }.w()?;
+    }
+    Ok(out)
 }
 
 impl CustomOp2 for GatherRows {
@@ -890,7 +908,6 @@ impl Drop for HostRows {
 impl HostRows {
     /// A copy of `t` [rows, cols] (contiguous, on CUDA) in mapped host memory.
     pub fn from_device(t: &Tensor) -> candle_core::Result<Self> {
-        use candle_core::cuda_backend::cudarc::driver::DevicePtr;
         let (_, cols) = t.dims2()?;
         let t = t.contiguous()?;
         let (storage, layout) = t.storage_and_layout();
@@ -977,27 +994,9 @@ impl CustomOp1 for HostRows {
         let iv = view::<u32>(i, il, "host rows", 1)?;
         let cols = self.cols;
         by_dtype!(self.dtype, T => {
-            // SAFETY: every element is written by the kernel.
-            let out = unsafe { dev.alloc::<T>(n * cols)? };
-            if n > 0 {
-                let func =
-                    dev.get_or_load_custom_func(&format!("gather_rows_{}", suffix(self.dtype)?), MODULE, PTX)?;
-                let cfg = LaunchConfig {
-                    grid_dim: (n.min(1 << 30) as u32, 1, 1),
-                    block_dim: (128, 1, 1),
-                    shared_mem_bytes: 0,
-                };
-                let (nn, cc) = (n as i64, cols as i64);
-                let mut b = func.builder();
-                b.arg(&self.ptr);
-                b.arg(&iv);
-                b.arg(&out);
-                b.arg(&nn);
-                b.arg(&cc);
-                // SAFETY: the kernel takes (src, idx, out, n, cols); src is the mapped table, whose
-                // rows the indices (token ids, checked against the vocabulary) stay within.
-                unsafe { b.launch(cfg) }.w()?;
-            }
+            // SAFETY: the table stays registered while the model holds it (its Drop waits for the
+            // stream); the indices are token ids, checked against the vocabulary (its rows).
+            let out = unsafe { gather_launch::<T>(&dev, self.ptr, &iv, n, cols)? };
             Ok((CudaStorage::wrap_cuda_slice(out, dev), Shape::from((n, cols))))
         })
     }
