@@ -447,21 +447,18 @@ impl Glm {
         if self.host_embed.is_some() || self.lm_head.id() == self.embed.id() {
             return Ok(0);
         }
+        // The device's table (read by a copy, or freed below) must have arrived first.
+        self.ready(0)?;
         let (rows, cols) = self.embed.dims2()?;
         let in_place = file
             .filter(|(_, r, dt)| *dt == self.dtype && r.len() == rows * cols * self.dtype.size_in_bytes())
             .and_then(|(map, r, _)| super::cuda_ops::HostRows::from_file(map, r, cols, self.dtype, dev).ok());
         let table = match in_place {
             Some(t) => t,
-            None => {
-                self.ready(0)?;
-                super::cuda_ops::HostRows::from_device(&self.embed)?
-            }
+            None => super::cuda_ops::HostRows::from_device(&self.embed)?,
         };
         let freed = table.bytes();
         self.host_embed = Some(table);
-        // The lookups no longer read the device's table: it goes once its copy (if any) is done.
-        self.ready(0)?;
         self.embed = Tensor::zeros((0, self.cfg.hidden_size), self.dtype, &self.device)?;
         Ok(freed)
     }
