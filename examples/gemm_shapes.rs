@@ -47,10 +47,16 @@ fn main() -> Result<()> {
             let x = Tensor::randn(0f32, 1.0, (m, k), &dev)?.to_dtype(DType::BF16)?;
             let w = (Tensor::randn(0f32, 1.0, (n, k), &dev)? * 0.02)?.to_dtype(DType::BF16)?;
             let flop = 2.0 * (m * n * k) as f64;
+            // Bytes a bandwidth-bound (decoding-sized) product must move: x, w and y once each.
+            let bytes = 2.0 * (m * k + n * k + m * n) as f64;
             let iters = 10;
             let c = time(&dev, iters, || Ok(x.matmul(&w.t()?)?))?;
             let count = cuda_gemm::candidates(m, n, k, DType::BF16, &dev)?;
-            println!("{name:<16} n={n:<6} candle {:6.0} TFLOP/s, {count} candidates", flop / c / 1e12);
+            println!(
+                "{name:<16} n={n:<6} candle {:6.0} TFLOP/s {:5.0} GB/s, {count} candidates",
+                flop / c / 1e12,
+                bytes / c / 1e9
+            );
             let first = cuda_gemm::linear_algo(&x, &w, None, 0)?.to_dtype(DType::F32)?;
             for a in 0..count {
                 let s = time(&dev, iters, || Ok(cuda_gemm::linear_algo(&x, &w, None, a)?))?;
@@ -58,7 +64,7 @@ fn main() -> Result<()> {
                 let diff = (y - &first)?.abs()?.max_all()?.to_scalar::<f32>()?;
                 let cfg = cuda_gemm::candidate_config(m, n, k, DType::BF16, a, &dev)?;
                 let same = if diff == 0.0 { "bit-identical".to_string() } else { format!("max diff {diff:.2e}") };
-                println!("  lt{a:<2} {:6.0} TFLOP/s  {same:<22} {cfg}", flop / s / 1e12);
+                println!("  lt{a:<2} {:6.0} TFLOP/s {:5.0} GB/s  {same:<22} {cfg}", flop / s / 1e12, bytes / s / 1e9);
             }
         }
     }

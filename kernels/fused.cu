@@ -343,14 +343,36 @@ __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commi
 template <int N> __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;" ::"n"(N)); }
 
 // Rows j0..j0+R-1 of a [s, D] key or value head into tile[R][SP] (asynchronously); rows past s are zeros.
-template <typename T, int D, int R, int SP>
+// NTH threads (the block's size, a compile-time constant); UNROLL rounds at a time: unrolled the
+// copies go out back to back (prefill), but the addresses take registers (decoding, which is bound
+// by memory and needs its blocks per SM: unroll 1, 128 registers instead of 158). Offsets within the
+// head in 32 bits (s·D < 2^31), so each tile costs one address computation, not one per row.
+template <typename T, int D, int R, int SP, int NTH = 128, int UNROLL = R * D / 8 / NTH>
 __device__ __forceinline__ void load_tile(T *tile, const T *head, int j0, int s) {
-  for (int idx = threadIdx.x; idx < R * D / 8; idx += blockDim.x) {
-    int r = idx / (D / 8), c = (idx % (D / 8)) * 8, j = j0 + r;
-    if (j < s) cp_async16(tile + r * SP + c, head + (long long)j * D + c);
-    else *reinterpret_cast<uint4 *>(tile + r * SP + c) = make_uint4(0, 0, 0, 0);
+  static_assert((R * D / 8) % NTH == 0, "whole rounds of 16-byte copies");
+  constexpr int STEP = NTH / (D / 8);  // rows apart from one round to the next
+  const int r0 = threadIdx.x / (D / 8), c = (threadIdx.x % (D / 8)) * 8;
+  T *dst = tile + r0 * SP + c;
+  const T *src = head + ((j0 + r0) * D + c);
+  if (j0 + R <= s) {
+#pragma unroll UNROLL
+    for (int i = 0; i < R * D / 8 / NTH; i++) cp_async16(dst + i * STEP * SP, src + i * STEP * D);
+  } else {
+#pragma unroll UNROLL
+    for (int i = 0; i < R * D / 8 / NTH; i++) {
+      if (j0 + r0 + i * STEP < s) cp_async16(dst + i * STEP * SP, src + i * STEP * D);
+      else *reinterpret_cast<uint4 *>(dst + i * STEP * SP) = make_uint4(0, 0, 0, 0);
+    }
   }
   cp_async_commit();
+}
+
+// 2^x by the special function unit alone (flushing subnormal results to 0, which no softmax sum or
+// p·v product of magnitude ≥ 1 can see); exp2f adds a range check and two multiplies around it.
+__device__ __forceinline__ float ex2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
 }
 
 // This thread's part of 16 query rows (its rows g and g + 8: head hd[r], query qi[r], zeros where not
@@ -448,17 +470,26 @@ __device__ void flash_attn(const T *q, const T *k, const T *v, const unsigned in
         sc[n][0] = sc[n][1] = sc[n][2] = sc[n][3] = 0.0f;
         qk_ntile<T, KS>(sc[n], qa, ks + (n * 8 + (lane & 7)) * SP + (lane >> 3) * 8);
       }
-      // Mask (no mask where every row of the warp sees every key of the tile); the tile's row maxima.
+      // Mask, where some row of the warp does not see some key of the tile (causal diagonal, padding,
+      // the end of the keys, rows past the queries); the tile's row maxima. Most tiles need no mask:
+      // a separate loop for them keeps its ~300 compares and selects off the issue slots.
       const bool full = j0 >= lo && j0 + BC <= s && j0 + BC - 1 <= offset + warp_first;
       float tmax[2] = {-INFINITY, -INFINITY};
+      if (full) {
 #pragma unroll
-      for (int n = 0; n < NT; n++)
+        for (int n = 0; n < NT; n++)
 #pragma unroll
-        for (int e = 0; e < 4; e++) {
-          int i = qi[e >> 1], j = j0 + n * 8 + tq * 2 + (e & 1);
-          if (!full && !(valid[e >> 1] && j < s && j >= lo && j <= offset + i)) sc[n][e] = -INFINITY;
-          tmax[e >> 1] = fmaxf(tmax[e >> 1], sc[n][e]);
-        }
+          for (int e = 0; e < 4; e++) tmax[e >> 1] = fmaxf(tmax[e >> 1], sc[n][e]);
+      } else {
+#pragma unroll
+        for (int n = 0; n < NT; n++)
+#pragma unroll
+          for (int e = 0; e < 4; e++) {
+            int i = qi[e >> 1], j = j0 + n * 8 + tq * 2 + (e & 1);
+            if (!(valid[e >> 1] && j < s && j >= lo && j <= offset + i)) sc[n][e] = -INFINITY;
+            tmax[e >> 1] = fmaxf(tmax[e >> 1], sc[n][e]);
+          }
+      }
 #pragma unroll
       for (int r = 0; r < 2; r++) {
         tmax[r] = fmaxf(tmax[r], __shfl_xor_sync(0xffffffff, tmax[r], 1));
@@ -469,7 +500,7 @@ __device__ void flash_attn(const T *q, const T *k, const T *v, const unsigned in
 #pragma unroll
       for (int r = 0; r < 2; r++) {
         float mn = fmaxf(m[r], tmax[r]);
-        alpha[r] = mn == -INFINITY ? 1.0f : exp2f((m[r] - mn) * scale_log2);
+        alpha[r] = mn == -INFINITY ? 1.0f : ex2((m[r] - mn) * scale_log2);
         m[r] = mn;
         ms[r] = mn == -INFINITY ? 0.0f : mn * scale_log2;
       }
@@ -479,7 +510,7 @@ __device__ void flash_attn(const T *q, const T *k, const T *v, const unsigned in
         float p[4];
 #pragma unroll
         for (int e = 0; e < 4; e++) {
-          p[e] = exp2f(fmaf(sc[n][e], scale_log2, -ms[e >> 1]));
+          p[e] = ex2(fmaf(sc[n][e], scale_log2, -ms[e >> 1]));
           sum[e >> 1] += p[e];
         }
         pa[n >> 1][(n & 1) * 2 + 0] = pack2<T>(p[0], p[1]);
@@ -576,8 +607,8 @@ __device__ void flash_decode(const T *q, const T *k, const T *v, const unsigned 
   const int last = rows <= t ? rows - 1 : t - 1;
   const int j_end = min(offset + last + 1, s);
   for (int j0 = (lo / BC) * BC; j0 < j_end; j0 += BC) {
-    load_tile<T, D, BC, SP>(ks, kh, j0, s);
-    load_tile<T, D, BC, SP>(vs, vh, j0, s);
+    load_tile<T, D, BC, SP, 128, 1>(ks, kh, j0, s);
+    load_tile<T, D, BC, SP, 128, 1>(vs, vh, j0, s);
     cp_async_wait<0>();
     __syncthreads();
     // This warp's 16 keys of the tile: n tiles 2·warp and 2·warp + 1.
@@ -605,7 +636,7 @@ __device__ void flash_decode(const T *q, const T *k, const T *v, const unsigned 
       tmax[r] = fmaxf(tmax[r], __shfl_xor_sync(0xffffffff, tmax[r], 1));
       tmax[r] = fmaxf(tmax[r], __shfl_xor_sync(0xffffffff, tmax[r], 2));
       float mn = fmaxf(m[r], tmax[r]);
-      alpha[r] = mn == -INFINITY ? 1.0f : exp2f((m[r] - mn) * scale_log2);
+      alpha[r] = mn == -INFINITY ? 1.0f : ex2((m[r] - mn) * scale_log2);
       m[r] = mn;
       ms[r] = mn == -INFINITY ? 0.0f : mn * scale_log2;
     }
@@ -615,7 +646,7 @@ __device__ void flash_decode(const T *q, const T *k, const T *v, const unsigned 
       float p[4];
 #pragma unroll
       for (int e = 0; e < 4; e++) {
-        p[e] = exp2f(fmaf(sc[h][e], scale_log2, -ms[e >> 1]));
+        p[e] = ex2(fmaf(sc[h][e], scale_log2, -ms[e >> 1]));
         sum[e >> 1] += p[e];
       }
       pa[h * 2 + 0] = pack2<T>(p[0], p[1]);
@@ -667,7 +698,7 @@ __device__ void flash_decode(const T *q, const T *k, const T *v, const unsigned 
 #pragma unroll
     for (int w = 0; w < W; w++) {
       const float mv = mw[w * 16 + row];
-      const float f = mv == -INFINITY ? 0.0f : exp2f((mv - mx) * scale_log2);
+      const float f = mv == -INFINITY ? 0.0f : ex2((mv - mx) * scale_log2);
       lsum += f * lw[w * 16 + row];
       o0 += f * ow[(w * 16 + row) * D + c];
       o1 += f * ow[(w * 16 + row) * D + c + 1];
@@ -692,7 +723,7 @@ __device__ void flash_decode(const T *q, const T *k, const T *v, const unsigned 
     flash_attn<T, D>(q, k, v, pad, out, nh, kvh, t, s, kv_hs, ld, scale, pk);                                   \
   }
 #define FLASH_DECODE(T, SUFFIX, D)                                                                              \
-  extern "C" __global__ void __launch_bounds__(128)                                                             \
+  extern "C" __global__ void __launch_bounds__(128, 4)                                                          \
       flash_decode_##SUFFIX##_##D(const T *q, const T *k, const T *v, const unsigned int *pad, T *out, int nh,  \
                                   int kvh, int t, int s, long long kv_hs, int ld, float scale, int pk) {        \
     flash_decode<T, D>(q, k, v, pad, out, nh, kvh, t, s, kv_hs, ld, scale, pk);                                 \
