@@ -344,9 +344,9 @@ template <int N> __device__ __forceinline__ void cp_async_wait() { asm volatile(
 
 // Rows j0..j0+R-1 of a [s, D] key or value head into tile[R][SP] (asynchronously); rows past s are zeros.
 // NTH threads (the block's size, a compile-time constant); UNROLL rounds at a time: unrolled the
-// copies go out back to back (prefill), but the addresses take registers (decoding, which is bound
-// by memory and needs its blocks per SM: unroll 1, 128 registers instead of 158). Offsets within the
-// head in 32 bits (s·D < 2^31), so each tile costs one address computation, not one per row.
+// copies go out back to back (prefill), but their addresses take registers, which decoding (bound by
+// memory, needing its blocks per SM) cannot spare: unrolled there it took 158 registers and ran 20%
+// slower. Offsets within the head in 32 bits (s·D < 2^31): one address computation per tile, not per row.
 template <typename T, int D, int R, int SP, int NTH = 128, int UNROLL = R * D / 8 / NTH>
 __device__ __forceinline__ void load_tile(T *tile, const T *head, int j0, int s) {
   static_assert((R * D / 8) % NTH == 0, "whole rounds of 16-byte copies");
@@ -722,6 +722,8 @@ __device__ void flash_decode(const T *q, const T *k, const T *v, const unsigned 
                                 int kvh, int t, int s, long long kv_hs, int ld, float scale, int pk) {          \
     flash_attn<T, D>(q, k, v, pad, out, nh, kvh, t, s, kv_hs, ld, scale, pk);                                   \
   }
+// Four blocks per SM (128 registers, a few bytes spilled): decoding reads keys and values at the
+// memory's rate only with enough blocks in flight.
 #define FLASH_DECODE(T, SUFFIX, D)                                                                              \
   extern "C" __global__ void __launch_bounds__(128, 4)                                                          \
       flash_decode_##SUFFIX##_##D(const T *q, const T *k, const T *v, const unsigned int *pad, T *out, int nh,  \
