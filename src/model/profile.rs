@@ -20,7 +20,9 @@ type Totals = BTreeMap<(&'static str, &'static str), (f64, u64)>;
 static TOTALS: Mutex<Totals> = Mutex::new(BTreeMap::new());
 static PHASE: Mutex<&'static str> = Mutex::new("");
 static START: OnceLock<Instant> = OnceLock::new();
-static MARKS_AT: Mutex<Vec<(&'static str, f64)>> = Mutex::new(Vec::new());
+/// (name, seconds since start, the CUDA memory pool's bytes in use and reserved then)
+type Mark = (&'static str, f64, Option<(u64, u64)>);
+static MARKS_AT: Mutex<Vec<Mark>> = Mutex::new(Vec::new());
 
 fn mode() -> u8 {
     match MODE.load(Ordering::Relaxed) {
@@ -53,12 +55,30 @@ pub fn enabled() -> bool {
 
 /// Records the wall-clock time since the process started (the first mark) at a named point.
 pub fn mark(name: &'static str) {
+    push_mark(name, None);
+}
+
+/// As `mark`, with the CUDA memory pool's bytes in use and reserved at that point (as the host
+/// has queued the work: allocations are made when queued). Shows where a run's reserve grows.
+#[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
+pub fn mark_memory(name: &'static str, device: &Device) {
+    if mode() == OFF {
+        return;
+    }
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(c) = device {
+        return push_mark(name, crate::device::pool::current(c));
+    }
+    push_mark(name, None)
+}
+
+fn push_mark(name: &'static str, memory: Option<(u64, u64)>) {
     if mode() == OFF {
         return;
     }
     let t = START.get_or_init(Instant::now).elapsed().as_secs_f64();
     if let Ok(mut m) = MARKS_AT.lock() {
-        m.push((name, t));
+        m.push((name, t, memory));
     }
 }
 
@@ -111,8 +131,15 @@ pub fn report() -> Option<String> {
         }
     }
     s.push_str("marks (wall-clock seconds since the process started)\n");
-    for (name, t) in MARKS_AT.lock().ok()?.iter() {
-        s.push_str(&format!("  {t:>8.3}s  {name}\n"));
+    for (name, t, memory) in MARKS_AT.lock().ok()?.iter() {
+        match memory {
+            Some((used, reserved)) => s.push_str(&format!(
+                "  {t:>8.3}s  {name}  (pool: {:.3} GB in use, {:.3} GB reserved)\n",
+                *used as f64 / 1e9,
+                *reserved as f64 / 1e9
+            )),
+            None => s.push_str(&format!("  {t:>8.3}s  {name}\n")),
+        }
     }
     Some(s)
 }

@@ -162,8 +162,8 @@ pub(super) fn fit_memory(
 
 /// A warning when the CUDA memory pool's peak reserve and the context took more than the budget:
 /// the fit leaves room for the pool's fragmentation, which varies from run to run (on the 9B
-/// benchmark under `--gpu-memory 21.67GB`, 0.4–1.0 GB past the memory in use; two runs in
-/// seventeen went 25 MiB over).
+/// benchmark under `--gpu-memory 21.67GB`, 0.4–1.0 GB past the memory in use and two runs in
+/// seventeen 25 MiB over before the pool was trimmed between decode groups; 0.4–0.5 GB since).
 pub(super) fn over_budget(budget: u64, pool_reserved: u64) -> Option<Finding> {
     let took = pool_reserved + CUDA_CONTEXT;
     (took > budget).then(|| {

@@ -194,6 +194,7 @@ pub fn verify(opts: &Options) -> Result<Vec<Report>> {
     let caps = limits(opts, &dev, &base.cfg)?;
     let longest = prepared.iter().map(|p| p.encoded.input_ids.len()).max().unwrap_or(0);
     let (lim, budget) = fit_memory(opts, &dev, &mut base, caps, dtype, longest, embed_file)?;
+    model::profile::mark_memory("batches fitted to the memory budget", &dev);
     let embedding_on_host = base.embedding_on_host();
     mark(if embedding_on_host {
         "batches fitted to the memory budget, embedding in host memory"

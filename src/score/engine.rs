@@ -532,6 +532,8 @@ fn run_all(
         let t = std::time::Instant::now();
         let done: Vec<usize> = pending.iter().flat_map(|p| p.which.iter().map(|&(_, i)| i)).collect();
         decode_group(model, pending, max_new, gen, &mut o.gens)?;
+        profile::mark_memory("decode group done", model.device());
+        crate::device::release_freed_memory(model.device());
         o.generate_s += t.elapsed().as_secs_f64();
         for i in done {
             o.complete[i] = true;
@@ -571,6 +573,7 @@ fn run_all(
             profile::mark("first scoring pass done");
         }
         o.score_s += t.elapsed().as_secs_f64();
+        profile::mark_memory("scoring passes queued", model.device());
         pending.extend(p);
         (rows, longest, steps) = (rows + g_rows, longest.max(g_len), steps.max(g_steps));
     }
@@ -626,7 +629,9 @@ fn decode_group(
         which.extend(p.which);
         first.extend(p.first);
     }
+    profile::mark_memory("decode group: before stacking its caches", model.device());
     let (mut cache, shifts) = Cache::stack(caches, steps)?;
+    profile::mark_memory("decode group: caches stacked", model.device());
     let mut pads: Vec<usize> =
         pads.into_iter().zip(shifts).flat_map(|(ps, s)| ps.into_iter().map(move |p| p + s)).collect();
     let mut order: Vec<usize> = (0..which.len()).collect();
