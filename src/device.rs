@@ -44,7 +44,7 @@ pub fn gpu_total_memory(device: &Device) -> Option<u64> {
 /// run's transient tensors are all freed (a decode group done), so that the next group's
 /// allocations map fresh memory instead of fitting into the pieces the last group left: the pool
 /// does not join free memory across the pieces it mapped, and on the 9B benchmark under
-/// `--gpu-memory 21.67GB` its reserve grew by up to 0.6 GB over five groups without this
+/// `--gpu-memory 21.67GB` its reserve grew by up to 0.7 GB over five groups without this
 /// (their tensors in use the same each time).
 #[allow(unused_variables)]
 pub fn release_freed_memory(device: &Device) {

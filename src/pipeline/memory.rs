@@ -24,10 +24,7 @@ pub(super) fn with_memory_retry<T>(
         match f(lim) {
             Err(e) if is_out_of_memory(&e) => match lim.halved() {
                 Some(smaller) => {
-                    #[cfg(feature = "cuda")]
-                    if let Device::Cuda(c) = dev {
-                        device::pool::release_freed_memory(c);
-                    }
+                    device::release_freed_memory(dev);
                     findings.push(Finding::info(
                         "gpu_out_of_memory_retried",
                         format!("the device ran out of memory with batches of {lim}; retried with {smaller}"),
@@ -135,9 +132,7 @@ pub(super) fn fit_memory(
     if fitted != Some(caps) && base.embedding_to_host(embed_file).unwrap_or(0) > 0 {
         // The table's device memory goes back to the driver rather than stay in the pool, whose
         // reserve grew past the budget in one of three runs when batches were to reuse it.
-        if let Device::Cuda(c) = dev {
-            device::pool::release_freed_memory(c);
-        }
+        device::release_freed_memory(dev);
         fitted = budget::fit(caps, &costs, work(base.bytes() as u64));
     }
     match fitted {
