@@ -194,13 +194,13 @@ pub fn verify(opts: &Options) -> Result<Vec<Report>> {
     let caps = limits(opts, &dev, &base.cfg)?;
     let longest = prepared.iter().map(|p| p.encoded.input_ids.len()).max().unwrap_or(0);
     let (lim, budget) = fit_memory(opts, &dev, &mut base, caps, dtype, longest, embed_file)?;
-    model::profile::mark_memory("batches fitted to the memory budget", &dev);
     let embedding_on_host = base.embedding_on_host();
-    mark(if embedding_on_host {
+    let fitted = if embedding_on_host {
         "batches fitted to the memory budget, embedding in host memory"
     } else {
         "batch limits set"
-    });
+    };
+    model::profile::mark_memory(fitted, &dev);
     let gen_opts = GenOptions { stop_at_eos: !opts.ignore_eos };
     let items: Vec<(Vec<u32>, Vec<i64>)> =
         prepared.iter().map(|p| (p.encoded.input_ids.clone(), p.encoded.labels.clone())).collect();
