@@ -109,21 +109,22 @@ pub mod pool {
     /// Bytes of the pool's memory: (in use now, most in use, most reserved from the driver).
     pub fn usage(c: &CudaDevice) -> Option<(u64, u64, u64)> {
         let pool = default_pool(c)?;
-        let get = |a| attribute(pool, a);
         use sys::CUmemPool_attribute as A;
         Some((
-            get(A::CU_MEMPOOL_ATTR_USED_MEM_CURRENT)?,
-            get(A::CU_MEMPOOL_ATTR_USED_MEM_HIGH)?,
-            get(A::CU_MEMPOOL_ATTR_RESERVED_MEM_HIGH)?,
+            attribute(pool, A::CU_MEMPOOL_ATTR_USED_MEM_CURRENT)?,
+            attribute(pool, A::CU_MEMPOOL_ATTR_USED_MEM_HIGH)?,
+            attribute(pool, A::CU_MEMPOOL_ATTR_RESERVED_MEM_HIGH)?,
         ))
     }
 
     /// Bytes of the pool's memory now: (in use, reserved from the driver).
     pub fn current(c: &CudaDevice) -> Option<(u64, u64)> {
         let pool = default_pool(c)?;
-        let get = |a| attribute(pool, a);
         use sys::CUmemPool_attribute as A;
-        Some((get(A::CU_MEMPOOL_ATTR_USED_MEM_CURRENT)?, get(A::CU_MEMPOOL_ATTR_RESERVED_MEM_CURRENT)?))
+        Some((
+            attribute(pool, A::CU_MEMPOOL_ATTR_USED_MEM_CURRENT)?,
+            attribute(pool, A::CU_MEMPOOL_ATTR_RESERVED_MEM_CURRENT)?,
+        ))
     }
 
     /// The device's memory, bytes.

@@ -62,11 +62,8 @@ pub fn mark(name: &'static str) {
 /// has queued the work: allocations are made when queued). Shows where a run's reserve grows.
 #[cfg_attr(not(feature = "cuda"), allow(unused_variables))]
 pub fn mark_memory(name: &'static str, device: &Device) {
-    if mode() == OFF {
-        return;
-    }
     #[cfg(feature = "cuda")]
-    if let Device::Cuda(c) = device {
+    if let (Device::Cuda(c), false) = (device, mode() == OFF) {
         return push_mark(name, crate::device::pool::current(c));
     }
     push_mark(name, None)
