@@ -1,7 +1,10 @@
 //! Opt-in timings (GLM4_VERIFY_PROFILE): `1` times forward-pass sections, each synchronising the
 //! device before and after (so the numbers are device time), and marks; `marks` only marks the
 //! wall-clock time since the process started at points of a run (no synchronisation, so the run
-//! keeps its speed). Printed to stderr at the end of a run.
+//! keeps its speed); `events` (CUDA) times each section between two CUDA events recorded around
+//! it, without synchronising: a section's own device time while the device runs as in a plain run,
+//! where `1`'s numbers carry each section's launch and synchronisation (an upper bound, far off for
+//! the small kernels of a decode step). Printed to stderr at the end of a run.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU8, Ordering};
@@ -14,6 +17,7 @@ use candle_core::Device;
 const OFF: u8 = 0;
 const SECTIONS: u8 = 1;
 const MARKS: u8 = 3;
+const EVENTS: u8 = 4;
 static MODE: AtomicU8 = AtomicU8::new(2); // 2 = not read yet
 /// (phase, section) → (seconds, calls)
 type Totals = BTreeMap<(&'static str, &'static str), (f64, u64)>;
@@ -29,6 +33,7 @@ fn mode() -> u8 {
         2 => {
             let m = match std::env::var("GLM4_VERIFY_PROFILE").as_deref() {
                 Ok("marks") => MARKS,
+                Ok("events") => EVENTS,
                 Ok("" | "0") | Err(_) => OFF,
                 Ok(_) => SECTIONS,
             };
@@ -48,9 +53,9 @@ pub fn phase(name: &'static str) {
     }
 }
 
-/// Whether sections are timed (GLM4_VERIFY_PROFILE=1).
+/// Whether sections are timed (GLM4_VERIFY_PROFILE=1 or events).
 pub fn enabled() -> bool {
-    mode() == SECTIONS
+    matches!(mode(), SECTIONS | EVENTS)
 }
 
 /// Records the wall-clock time since the process started (the first mark) at a named point.
@@ -97,18 +102,71 @@ pub fn section<T>(name: &'static str, device: &Device, f: impl FnOnce() -> Resul
     if !enabled() {
         return f();
     }
+    let phase = PHASE.lock().map(|p| *p).unwrap_or("");
+    #[cfg(feature = "cuda")]
+    if let (Device::Cuda(c), EVENTS) = (device, mode()) {
+        return events::section(phase, name, c, f);
+    }
     device.synchronize()?;
     let t = Instant::now();
     let r = f()?;
     device.synchronize()?;
-    let dt = t.elapsed().as_secs_f64();
-    let phase = PHASE.lock().map(|p| *p).unwrap_or("");
+    add(phase, name, t.elapsed().as_secs_f64());
+    Ok(r)
+}
+
+fn add(phase: &'static str, name: &'static str, seconds: f64) {
     if let Ok(mut m) = TOTALS.lock() {
         let e = m.entry((phase, name)).or_insert((0.0, 0));
-        e.0 += dt;
+        e.0 += seconds;
         e.1 += 1;
     }
-    Ok(r)
+}
+
+/// Sections timed by CUDA events (GLM4_VERIFY_PROFILE=events): each section's events are kept until
+/// a few thousand are pending, then read (which waits for the device) and freed.
+#[cfg(feature = "cuda")]
+mod events {
+    use std::sync::Mutex;
+
+    use anyhow::Result;
+    use candle_core::cuda_backend::cudarc::driver::{sys, CudaEvent};
+    use candle_core::CudaDevice;
+
+    type Timed = (&'static str, &'static str, CudaEvent, CudaEvent);
+    static PENDING: Mutex<Vec<Timed>> = Mutex::new(Vec::new());
+    const READ_AT: usize = 4096;
+
+    pub fn section<T>(
+        phase: &'static str,
+        name: &'static str,
+        c: &CudaDevice,
+        f: impl FnOnce() -> Result<T>,
+    ) -> Result<T> {
+        let stream = c.cuda_stream();
+        let timed = Some(sys::CUevent_flags::CU_EVENT_DEFAULT);
+        let start = stream.record_event(timed)?;
+        let r = f()?;
+        let end = stream.record_event(timed)?;
+        let full = PENDING.lock().map(|mut p| {
+            p.push((phase, name, start, end));
+            p.len() >= READ_AT
+        });
+        if full.unwrap_or(false) {
+            read();
+        }
+        Ok(r)
+    }
+
+    /// Adds the pending sections' times to the totals.
+    pub fn read() {
+        let Ok(mut p) = PENDING.lock() else { return };
+        for (phase, name, start, end) in p.drain(..) {
+            if let Ok(ms) = start.elapsed_ms(&end) {
+                super::add(phase, name, ms as f64 / 1e3);
+            }
+        }
+    }
 }
 
 /// The table of sections (seconds, calls) and the marks, when profiling is on.
@@ -116,11 +174,14 @@ pub fn report() -> Option<String> {
     if mode() == OFF {
         return None;
     }
+    #[cfg(feature = "cuda")]
+    events::read();
     let mut s = String::new();
     {
         let m = TOTALS.lock().ok()?;
         let total: f64 = m.iter().filter(|(k, _)| k.0 != "host").map(|(_, v)| v.0).sum();
-        s.push_str(&format!("profile (device time, synchronised per section; total {total:.2}s; host: wall-clock)\n"));
+        let how = if mode() == EVENTS { "between CUDA events, unsynchronised" } else { "synchronised per section" };
+        s.push_str(&format!("profile (device time, {how}; total {total:.2}s; host: wall-clock)\n"));
         for ((phase, k), (t, n)) in m.iter() {
             let k = format!("{phase} {k}");
             let share = if *phase == "host" { String::new() } else { format!("{:.1}%", 100.0 * t / total.max(1e-9)) };
