@@ -180,7 +180,11 @@ pub fn report() -> Option<String> {
     {
         let m = TOTALS.lock().ok()?;
         let total: f64 = m.iter().filter(|(k, _)| k.0 != "host").map(|(_, v)| v.0).sum();
-        let how = if mode() == EVENTS { "between CUDA events, unsynchronised" } else { "synchronised per section" };
+        let how = if mode() == EVENTS {
+            "between CUDA events, unsynchronised (on the CPU: synchronised)"
+        } else {
+            "synchronised per section"
+        };
         s.push_str(&format!("profile (device time, {how}; total {total:.2}s; host: wall-clock)\n"));
         for ((phase, k), (t, n)) in m.iter() {
             let k = format!("{phase} {k}");
